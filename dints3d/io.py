@@ -1,0 +1,99 @@
+"""Atomic writes: every state file (JSON, YAML, checkpoints) is written to a temporary file in the same folder,
+flushed and fsynced, then renamed over the target, so a killed process leaves either the old or the new file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+
+from dints3d.errors import DintsError
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success rename it over ``target`` (fsync'd)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and atomically move the result to ``target``."""
+    with atomic_path(target) as tmp:
+        write(tmp)
+    return Path(target)
+
+
+def write_json(target: str | os.PathLike, data: Any, indent: int = 2) -> Path:
+    """Atomically write ``data`` as human-readable JSON."""
+    text = json.dumps(data, indent=indent, sort_keys=False, allow_nan=False) + "\n"
+    return write_atomic(target, lambda p: p.write_text(text))
+
+
+def write_text(target: str | os.PathLike, text: str) -> Path:
+    """Atomically write a text file."""
+    return write_atomic(target, lambda p: p.write_text(text))
+
+
+def write_yaml(target: str | os.PathLike, data: Any) -> Path:
+    """Atomically write ``data`` as block-style YAML."""
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    return write_atomic(target, lambda p: p.write_text(text))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, raising :class:`DintsError` naming the file when it is missing or malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DintsError(path, "file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DintsError(path, f"cannot read: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DintsError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Read a YAML file, raising :class:`DintsError` naming the file when it is missing or malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DintsError(path, "file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DintsError(path, f"cannot read: {e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DintsError(path, f"invalid YAML{where}: {getattr(e, 'problem', e)}") from None
