@@ -1,0 +1,72 @@
+"""The ``dints3d`` command. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``dints3d --help`` is instant.
+
+User errors (:class:`~dints3d.errors.DintsError`) print one line ``error: <file>: <problem>`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dints3d import __version__
+from dints3d.errors import DintsError
+
+#: subcommand → (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("dints3d.data.synthetic", "write a synthetic MSD-format (or Cityscapes-format) task folder"),
+    "prepare": ("dints3d.data.prepare", "validate an MSD task, write fingerprint.json, plan.json, datalist.json"),
+    "search": ("dints3d.search.run", "search an architecture (DiNTS) on a prepared task"),
+    "export": ("dints3d.bundle", "export a searched architecture as a MONAI bundle"),
+    "train": ("dints3d.bundle_commands", "retrain a bundle's architecture (wraps monai.bundle run)"),
+    "infer": ("dints3d.bundle_commands", "sliding-window inference with a bundle on NIfTI files"),
+    "evaluate": ("dints3d.evaluate", "Dice, HD95 and NSD of predicted masks against labels (CSV + JSON)"),
+    "import-arch": ("dints3d.arch_import", "convert a torch-pickled DiNTS arch file to arch.json"),
+    "describe": ("dints3d.describe", "parameters, multiply-adds and memory of an architecture or preset"),
+    "demo": ("dints3d.demo", "synthetic task → prepare → search → export → train → infer → evaluate"),
+}
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="dints3d",
+        description="Neural architecture search for 3D/2D segmentation on MONAI (DiNTS, Auto-DeepLab, DPC).",
+    )
+    parser.add_argument("--version", action="version", version=f"dints3d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
+    return parser, subparsers
+
+
+def _command_module(name: str):
+    module_name = COMMANDS[name][0]
+    return importlib.import_module(module_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = _parser()
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen in COMMANDS:
+        module = _command_module(chosen)
+        adder = getattr(module, f"add_{chosen.replace('-', '_')}_arguments", None) or module.add_arguments
+        adder(subparsers[chosen])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = _command_module(args.command)
+    runner = getattr(module, f"run_{args.command.replace('-', '_')}", None) or module.run
+    try:
+        return int(runner(args) or 0)
+    except DintsError as e:
+        print(f"error: {e.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (completed work is saved; rerun with --resume where supported)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""Typed configuration: YAML files loaded into dataclasses, overridable with ``--set section.key=value``.
+
+Every stage reads one :class:`Config`. Unknown keys and values of the wrong type are refused with a
+:class:`~dints3d.errors.DintsError` that names the key and suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dints3d.errors import DintsError
+from dints3d.io import read_yaml
+
+
+@dataclass
+class DataConfig:
+    """How patches are drawn from a prepared task (``WORK/plan.json`` + ``WORK/datalist.json``)."""
+
+    fold: int = 0  #: validation fold; training uses the other folds' cases
+    patch_size: list[int] | None = None  #: None → the plan's patch size
+    batch_size: int = 1  #: volumes per step (each gives ``num_samples`` patches)
+    num_samples: int = 1  #: random patches cropped per volume per step
+    cache_rate: float = 1.0  #: fraction of volumes kept preprocessed in memory (CacheDataset)
+    cache_dir: str | None = None  #: if set, also persist preprocessed volumes on disk (PersistentDataset)
+    num_workers: int = 0  #: DataLoader workers (0 = main process)
+    gpu_cache: bool = False  #: keep cached volumes on the GPU and use ThreadDataLoader
+    augment: bool = True  #: random flips/rotations/intensity augmentation in training
+    max_cases: int | None = None  #: use at most this many cases per list (quick runs)
+
+
+@dataclass
+class DintsConfig:
+    """DiNTS supernet / discrete network shape (MONAI ``TopologySearch`` / ``TopologyInstance`` + ``DiNTS``)."""
+
+    num_blocks: int = 12
+    num_depths: int = 4
+    channel_mul: float = 0.5  #: search-time width (retraining uses ``train.channel_mul``)
+    use_downsample: bool = True
+    spatial_dims: int = 3
+
+
+@dataclass
+class SearchConfig:
+    """Bilevel search schedule and losses (defaults: the DiNTS reference recipe)."""
+
+    iterations: int = 20000  #: total weight steps
+    warmup_fraction: float = 0.5  #: first fraction of iterations updates weights only
+    lr: float = 0.025  #: SGD learning rate for weights (× world size when scale_lr)
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    lr_decay_points: list[float] = field(default_factory=lambda: [0.4, 0.8])  #: of post-warm-up progress; ×0.5
+    arch_lr: float = 0.001  #: Adam learning rate for α and β (× world size when scale_lr)
+    arch_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    arch_weight_decay: float = 0.0
+    scale_lr: bool = True  #: multiply learning rates by the number of processes (reference recipe)
+    ram_cost_factor: float = 0.8  #: σ, target memory ratio M/M_full
+    memory_budget_gb: float | None = None  #: if set, overrides σ from a predicted training memory in GB
+    entropy_weight: float = 1.0
+    memory_weight: float = 1.0
+    topology_weight: float = 0.001
+    amp: bool = True  #: autocast (fp16 + GradScaler on CUDA, bf16 on CPU)
+    checkpoint_cells: bool = False  #: activation checkpointing of supernet cells
+    val_interval: int = 1000  #: iterations between validations (and decode snapshots)
+    val_sw_batch_size: int = 1
+    val_overlap: float = 0.625
+    max_nonfinite_steps: int = 20  #: consecutive non-finite losses before the run stops
+    checkpoint_interval: int = 200  #: iterations between "last" checkpoints
+
+
+@dataclass
+class TrainConfig:
+    """Retraining a discrete architecture."""
+
+    channel_mul: float = 1.0
+    iterations: int = 40000
+    lr: float = 0.025
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    lr_decay_points: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    batch_size: int = 2
+    amp: bool = True
+    val_interval: int = 1000
+
+
+@dataclass
+class Config:
+    """Everything a run needs. ``plan`` overrides fields of ``WORK/plan.json`` (e.g. ``patch_size``)."""
+
+    space: str = "dints"
+    seed: int = 0
+    device: str = "auto"  #: "auto" (cuda if available), "cpu", "cuda", "cuda:1" …
+    data: DataConfig = field(default_factory=DataConfig)
+    dints: DintsConfig = field(default_factory=DintsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    plan: dict = field(default_factory=dict)
+
+
+SPACES = ("dints",)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(item)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except DintsError:
+                pass
+        raise DintsError(source, f"'{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise DintsError(source, f"'{key}' must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    raise DintsError(source, f"'{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+
+
+def _merge(obj: Any, data: Any, prefix: str, source: str | None) -> Any:
+    """Return a copy of dataclass ``obj`` with ``data`` (a mapping) merged in, validating keys and types."""
+    if not isinstance(data, dict):
+        raise DintsError(source, f"'{prefix or 'config'}' must be a mapping, got {type(data).__name__}")
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    updates = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in names:
+            raise DintsError(source, f"unknown key '{full}'{_suggest(str(key), names, prefix)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            updates[key] = _merge(current, value, f"{full}.", source)
+        elif hints[key] is dict and isinstance(value, dict):
+            updates[key] = {**current, **value}
+        else:
+            updates[key] = _coerce(value, hints[key], full, source)
+    return dataclasses.replace(obj, **updates)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value`` (value in YAML syntax) into (["a", "b"], value)."""
+    if "=" not in text:
+        raise DintsError("--set", f"expected key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise DintsError("--set", f"empty key in '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def validate(cfg: Config, source: str | None = None) -> Config:
+    """Semantic checks that types alone cannot express."""
+    if cfg.space not in SPACES:
+        raise DintsError(source, f"'space' must be one of {', '.join(SPACES)}, got '{cfg.space}'{_suggest(cfg.space, list(SPACES))}")
+    d, s = cfg.dints, cfg.search
+    if d.num_blocks < 1 or d.num_depths < 1:
+        raise DintsError(source, "'dints.num_blocks' and 'dints.num_depths' must be ≥ 1")
+    if d.spatial_dims not in (2, 3):
+        raise DintsError(source, f"'dints.spatial_dims' must be 2 or 3, got {d.spatial_dims}")
+    if d.channel_mul <= 0 or cfg.train.channel_mul <= 0:
+        raise DintsError(source, "'channel_mul' must be > 0")
+    if not 0 <= s.warmup_fraction <= 1:
+        raise DintsError(source, f"'search.warmup_fraction' must be in [0, 1], got {s.warmup_fraction}")
+    if not 0 < s.ram_cost_factor <= 1:
+        raise DintsError(source, f"'search.ram_cost_factor' must be in (0, 1], got {s.ram_cost_factor}")
+    for name in ("iterations", "val_interval", "checkpoint_interval", "max_nonfinite_steps"):
+        if getattr(s, name) < 1:
+            raise DintsError(source, f"'search.{name}' must be ≥ 1")
+    if len(s.arch_betas) != 2:
+        raise DintsError(source, "'search.arch_betas' must have 2 values")
+    if cfg.data.batch_size < 1 or cfg.data.num_samples < 1:
+        raise DintsError(source, "'data.batch_size' and 'data.num_samples' must be ≥ 1")
+    if not 0 <= cfg.data.cache_rate <= 1:
+        raise DintsError(source, f"'data.cache_rate' must be in [0, 1], got {cfg.data.cache_rate}")
+    if cfg.data.patch_size is not None:
+        if len(cfg.data.patch_size) != d.spatial_dims or min(cfg.data.patch_size) < 1:
+            raise DintsError(source, f"'data.patch_size' must be {d.spatial_dims} positive integers")
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults) and apply ``key=value`` overrides, in order."""
+    cfg = Config()
+    source = None
+    if path is not None:
+        source = os.fspath(path)
+        data = read_yaml(path)
+        if data is None:
+            data = {}
+        cfg = _merge(cfg, data, "", source)
+    for text in overrides:
+        keys, value = parse_override(text)
+        cfg = _merge(cfg, _nest(keys, value), "", "--set")
+    return validate(cfg, source or "--set")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (for provenance in arch.json and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, source: str | None = None) -> Config:
+    """Inverse of :func:`config_to_dict`, with validation."""
+    return validate(_merge(Config(), data, "", source), source)
+
+
+def config_path(name_or_path: str) -> Path:
+    """Resolve ``demo`` / ``dints_search`` to the packaged config, or return an existing file path."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    packaged = Path(__file__).parent / "configs" / f"{name_or_path}.yaml"
+    if packaged.exists():
+        return packaged
+    raise DintsError(name_or_path, "config file not found (give a path, or a packaged name such as 'demo')")
