@@ -271,7 +271,8 @@ def config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.exists():
         return p
-    packaged = Path(__file__).parent / "configs" / f"{name_or_path}.yaml"
-    if packaged.exists():
-        return packaged
+    for folder in (Path(__file__).parent / "configs", Path(__file__).parent.parent / "configs"):
+        packaged = folder / f"{name_or_path}.yaml"
+        if packaged.exists():
+            return packaged
     raise DintsError(name_or_path, "config file not found (give a path, or a packaged name such as 'demo')")

@@ -1,0 +1,424 @@
+"""First-order bilevel architecture search (DARTS-style alternation, DiNTS recipe).
+
+Each iteration: a weight step on a patch from the ``weights`` half (SGD, architecture frozen); after warm-up, an
+architecture step on a patch from the ``arch`` half (Adam on α and β, weights frozen) minimising
+``L_seg + w(t) · Σ regularizers`` with ``w(t)`` ramped linearly from 0 to 1 after warm-up. The same loss on every
+device and precision (``docs/search.md`` says why). State is checkpointed atomically and restored exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from monai.losses import DiceCELoss
+from tqdm import tqdm
+
+from dints3d import __version__
+from dints3d.checkpoint import load_checkpoint, save_checkpoint
+from dints3d.config import Config, config_from_dict, config_to_dict
+from dints3d.data.dataset import load_items, load_plan, make_dataset
+from dints3d.data.stream import PatchStream, stream_loader
+from dints3d.data.transforms import train_transforms, validation_transforms
+from dints3d.errors import DintsError
+from dints3d.io import write_json, write_yaml
+from dints3d.runtime import Runtime, seed_everything
+from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr_factor
+from dints3d.search.validate import validate_dice
+from dints3d.spaces.dints import DintsSearchSpace, patch_divisor
+
+WEIGHT_STREAM, ARCH_STREAM = 0, 1
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Everything besides tensors that a resumed run must continue from."""
+
+    iteration: int = 0  #: iterations completed
+    best_dice: float = -1.0
+    nonfinite_total: int = 0
+    nonfinite_consecutive: int = 0
+    last_dice: list = dataclasses.field(default_factory=list)
+
+
+def build_space(cfg: Config, plan: dict) -> DintsSearchSpace:
+    s, d = cfg.search, cfg.dints
+    return DintsSearchSpace(
+        in_channels=int(plan["in_channels"]), num_classes=int(plan["out_channels"]),
+        num_blocks=d.num_blocks, num_depths=d.num_depths, channel_mul=d.channel_mul,
+        use_downsample=d.use_downsample, spatial_dims=d.spatial_dims, ram_cost_factor=s.ram_cost_factor,
+        entropy_weight=s.entropy_weight, memory_weight=s.memory_weight, topology_weight=s.topology_weight,
+        checkpoint_cells=s.checkpoint_cells,
+    )
+
+
+def resolve_patch_size(cfg: Config, plan: dict) -> list[int]:
+    """The config's patch size, else the plan's; every side must be a multiple of the space's divisor."""
+    patch = list(cfg.data.patch_size or plan["patch_size"])
+    divisor = patch_divisor(cfg.dints.num_depths, cfg.dints.use_downsample)
+    if len(patch) != cfg.dints.spatial_dims or any(p % divisor or p <= 0 for p in patch):
+        raise DintsError("data.patch_size", f"{patch} must have {cfg.dints.spatial_dims} sides, each a positive "
+                         f"multiple of {divisor} (2^(num_depths + use_downsample))")
+    return patch
+
+
+class SearchRun:
+    """One search, from a prepared WORK folder to ``RUN/arch.json``.
+
+    Args:
+        cfg: the run's configuration.
+        work: folder written by ``dints3d prepare`` (plan.json, datalist.json).
+        out: the run folder (created; must be empty of another run's checkpoint unless ``resume``).
+        runtime: device and distributed placement.
+        resume: continue from ``out/checkpoints/last.pt``.
+    """
+
+    def __init__(self, cfg: Config, work: str | Path, out: str | Path, runtime: Runtime, resume: bool = False):
+        self.cfg, self.work, self.out, self.rt = cfg, Path(work), Path(out), runtime
+        self.ckpt_dir = self.out / "checkpoints"
+        last = self.ckpt_dir / "last.pt"
+        if resume:
+            if not last.exists() and not (self.ckpt_dir / "last.prev.pt").exists():
+                raise DintsError(last, "no checkpoint to resume from (start without --resume)")
+            saved = load_checkpoint(last)
+            self._check_same_config(saved, last)
+        elif last.exists():
+            raise DintsError(self.out, "already holds a search; pass --resume to continue it or choose another --out")
+        else:
+            saved = None
+
+        self.plan = load_plan(self.work, cfg.plan)
+        self.patch = resolve_patch_size(cfg, self.plan)
+        seed_everything(cfg.seed)
+        self.space = build_space(cfg, self.plan).to(runtime.device)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=True,
+                                  batch=True)
+        self._make_optimizers()
+        self.state = LoopState()
+        if saved is not None:
+            self._restore(saved)
+        self._make_data()
+        self.writer = None
+        if runtime.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_yaml(self.out / "config.yaml", config_to_dict(cfg))
+            self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=self.state.iteration)
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _check_same_config(self, saved: dict, path: Path) -> None:
+        before = config_from_dict(saved["config"], str(path))
+        now = dataclasses.replace(self.cfg, search=dataclasses.replace(self.cfg.search, val_interval=0,
+                                                                       checkpoint_interval=0))
+        then = dataclasses.replace(before, search=dataclasses.replace(before.search, val_interval=0,
+                                                                      checkpoint_interval=0))
+        if config_to_dict(now) != config_to_dict(then):
+            diff = _first_difference(config_to_dict(then), config_to_dict(now))
+            raise DintsError(path, f"was written with a different config ({diff}); resume with the same settings")
+
+    def _make_optimizers(self) -> None:
+        s, scale = self.cfg.search, (self.rt.world_size if self.cfg.search.scale_lr else 1)
+        self.weight_params = self.space.weight_parameters()
+        self.opt_w = torch.optim.SGD(self.weight_params, lr=s.lr * scale, momentum=s.momentum,
+                                     weight_decay=s.weight_decay)
+        self.base_lr = s.lr * scale
+        self.arch_groups = self.space.arch_parameter_groups()
+        self.arch_params = [p for group in self.arch_groups.values() for p in group]
+        self.opt_arch = {
+            name: torch.optim.Adam(params, lr=s.arch_lr * scale, betas=tuple(s.arch_betas),
+                                   weight_decay=s.arch_weight_decay)
+            for name, params in self.arch_groups.items()
+        }
+        self.scaler_w = self.rt.grad_scaler(s.amp)
+        self.scaler_a = self.rt.grad_scaler(s.amp)
+
+    def _make_data(self) -> None:
+        d, s = self.cfg.data, self.cfg.search
+        fold = d.fold
+        cache_dev = self.rt.device if d.gpu_cache and self.rt.device.type == "cuda" else None
+        transform = train_transforms(self.plan, self.patch, d.num_samples, d.augment, device=cache_dev)
+        remaining = s.iterations - self.state.iteration
+        warmup = warmup_iterations(s.iterations, s.warmup_fraction)
+        self.streams = {}
+        for stream_id, key in ((WEIGHT_STREAM, f"fold{fold}_weights"), (ARCH_STREAM, f"fold{fold}_arch")):
+            items = load_items(self.work, key, d.max_cases)
+            cache_dir = None if d.cache_dir is None else Path(d.cache_dir) / "train"
+            base = make_dataset(items, transform, d.cache_rate, cache_dir, d.num_workers, progress=self.rt.is_main)
+            length = s.iterations * d.batch_size
+            stream = PatchStream(base, self.cfg.seed, stream_id, length, self.rt.rank, self.rt.world_size)
+            start = self.state.iteration if stream_id == WEIGHT_STREAM else max(0, self.state.iteration - warmup)
+            self.streams[stream_id] = (stream, start)
+        self.remaining = remaining
+        val_items = load_items(self.work, f"fold{fold}_validation", d.max_cases)
+        if self.rt.distributed:
+            val_items = val_items[self.rt.rank :: self.rt.world_size]
+        self.val_data = make_dataset(val_items, validation_transforms(self.plan), d.cache_rate, None,
+                                     d.num_workers, progress=self.rt.is_main)
+
+    def _loader(self, stream_id: int) -> Iterator:
+        stream, start = self.streams[stream_id]
+        d = self.cfg.data
+        return iter(stream_loader(stream, d.batch_size, start, d.num_workers, d.gpu_cache))
+
+    # ------------------------------------------------------------------------------------------ checkpoint
+    def _state_dict(self) -> dict:
+        return {
+            "format": "dints3d-search-checkpoint-1",
+            "config": config_to_dict(self.cfg),
+            "model": self.space.state_dict(),
+            "opt_w": self.opt_w.state_dict(),
+            "opt_arch": {k: o.state_dict() for k, o in self.opt_arch.items()},
+            "scaler_w": self.scaler_w.state_dict(),
+            "scaler_a": self.scaler_a.state_dict(),
+            "loop": dataclasses.asdict(self.state),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def _restore(self, saved: dict) -> None:
+        self.space.load_state_dict(saved["model"])
+        self.opt_w.load_state_dict(saved["opt_w"])
+        for k, o in self.opt_arch.items():
+            o.load_state_dict(saved["opt_arch"][k])
+        self.scaler_w.load_state_dict(saved["scaler_w"])
+        self.scaler_a.load_state_dict(saved["scaler_a"])
+        self.state = LoopState(**saved["loop"])
+        torch.set_rng_state(saved["torch_rng"])
+
+    def save(self, name: str = "last") -> None:
+        if self.rt.is_main:
+            save_checkpoint(self.ckpt_dir / f"{name}.pt", self._state_dict())
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _set_trainable(self, weights: bool) -> None:
+        for p in self.weight_params:
+            p.requires_grad_(weights)
+        for p in self.arch_params:
+            p.requires_grad_(not weights)
+
+    def _batch(self, it: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(it)
+        dev = self.rt.device
+        return batch["image"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
+
+    def _finite_or_skip(self, loss: torch.Tensor, kind: str) -> bool:
+        if torch.isfinite(loss).item():
+            self.state.nonfinite_consecutive = 0
+            return True
+        self.state.nonfinite_total += 1
+        self.state.nonfinite_consecutive += 1
+        tqdm.write(f"warning: non-finite {kind} loss at iteration {self.state.iteration}; step skipped "
+                   f"({self.state.nonfinite_consecutive} in a row, {self.state.nonfinite_total} in total)")
+        if self.state.nonfinite_consecutive >= self.cfg.search.max_nonfinite_steps:
+            self.save()
+            raise DintsError(self.ckpt_dir / "last.pt", f"{self.state.nonfinite_consecutive} consecutive non-finite "
+                             "losses; stopped with a resumable checkpoint (check the data for NaN/Inf, lower the "
+                             "learning rate, or disable amp)")
+        return False
+
+    def _average_gradients(self, params: list[torch.Tensor]) -> None:
+        if self.rt.distributed:
+            grads = [p.grad for p in params if p.grad is not None]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat)
+            flat /= self.rt.world_size
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+
+    def weight_step(self, image: torch.Tensor, label: torch.Tensor, lr: float) -> float | None:
+        self._set_trainable(weights=True)
+        for group in self.opt_w.param_groups:
+            group["lr"] = lr
+        self.opt_w.zero_grad(set_to_none=True)
+        with self.rt.autocast(self.cfg.search.amp):
+            loss = self.loss_fn(self.space(image), label)
+        if not self._finite_or_skip(loss, "weight"):
+            return None
+        self.scaler_w.scale(loss).backward()
+        self._average_gradients(self.weight_params)
+        self.scaler_w.step(self.opt_w)
+        self.scaler_w.update()
+        return loss.detach()
+
+    def arch_step(self, image: torch.Tensor, label: torch.Tensor, ramp: float) -> dict | None:
+        self._set_trainable(weights=False)
+        for opt in self.opt_arch.values():
+            opt.zero_grad(set_to_none=True)
+        with self.rt.autocast(self.cfg.search.amp):
+            seg = self.loss_fn(self.space(image), label)
+        terms = self.space.regularizers(tuple(image.shape))
+        loss = seg.float() + ramp * sum(terms.values())
+        if not self._finite_or_skip(loss, "architecture"):
+            return None
+        self.scaler_a.scale(loss).backward()
+        self._average_gradients(self.arch_params)
+        for opt in self.opt_arch.values():
+            self.scaler_a.step(opt)
+        self.scaler_a.update()
+        return {"arch_seg": seg.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    # ------------------------------------------------------------------------------------------- validation
+    def validate_and_decode(self) -> dict:
+        """Validation Dice of the supernet and a decode snapshot (``arch_history/``)."""
+        dice = validate_dice(self.space, (self.val_data[i] for i in range(len(self.val_data))),
+                             int(self.plan["out_channels"]), self.patch, self.rt.device,
+                             self.rt.autocast(self.cfg.search.amp), self.cfg.search.val_sw_batch_size,
+                             self.cfg.search.val_overlap)
+        if self.rt.distributed:
+            dice = _allgather_mean(dice, self.rt)
+        mean = _nanmean(dice)
+        self.state.last_dice = dice
+        arch, info = self.decode(dice)
+        if self.rt.is_main:
+            arch.save(self.out / "arch_history" / f"arch_{self.state.iteration:07d}.json")
+            from dints3d.viz import dints_figure
+
+            t = self.state.iteration
+            self.writer.add_scalar("val/mean_dice", mean, t)
+            for c, v in enumerate(dice, start=1):
+                self.writer.add_scalar(f"val/dice_{self.plan['class_names'][c]}", v, t)
+            self.writer.add_scalar("arch/active_paths", info["active_paths"], t)
+            self.writer.add_scalar("arch/argmax_connected", float(info["argmax_connected"]), t)
+            self.writer.add_figure("arch/topology", dints_figure(arch), t)
+            if not info["argmax_connected"]:
+                tqdm.write(f"iteration {t}: the per-layer argmax topology is disconnected (discretization gap); "
+                           "the decoder's connected choice is used")
+        return {"mean_dice": mean, **info}
+
+    def decode(self, dice: list | None = None):
+        arch, info = self.space.decode()
+        sizes_shape = (self.cfg.data.batch_size * self.cfg.data.num_samples, int(self.plan["in_channels"]),
+                       *self.patch)
+        info["memory_ratio_soft"] = float(self.space.memory_ratio(sizes_shape))
+        info["memory_ratio"] = float(self.space.discrete_memory_ratio(arch, sizes_shape))
+        arch.provenance = {
+            "tool": f"dints3d {__version__}",
+            "task": self.plan.get("name"),
+            "iteration": self.state.iteration,
+            "seed": self.cfg.seed,
+            "validation_dice": dice if dice is not None else self.state.last_dice,
+            "estimated_memory_ratio": info["memory_ratio"],
+            "soft_memory_ratio": info["memory_ratio_soft"],
+            "ram_cost_factor": self.cfg.search.ram_cost_factor,
+            "decode": {k: info[k] for k in ("decode_cost", "argmax_connected")},
+            "patch_size": self.patch,
+            "config": config_to_dict(self.cfg),
+        }
+        return arch, info
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def run(self, stop_after: int | None = None) -> Path | None:
+        """Search until the configured number of iterations (or ``stop_after`` iterations in total, leaving a
+        resumable checkpoint). Returns the path of ``arch.json`` when the search is complete."""
+        s = self.cfg.search
+        total = s.iterations
+        end = total if stop_after is None else min(total, stop_after)
+        warmup = warmup_iterations(total, s.warmup_fraction)
+        weights_it = self._loader(WEIGHT_STREAM)
+        arch_it = None
+        bar = tqdm(total=total, initial=self.state.iteration, desc="search", dynamic_ncols=True,
+                   disable=not self.rt.is_main)
+        wait = compute = 0.0
+        logs: dict[str, torch.Tensor] = {}
+        while self.state.iteration < end:
+            t = self.state.iteration
+            t0 = time.perf_counter()
+            image, label = self._batch(weights_it)
+            t1 = time.perf_counter()
+            lr = self.base_lr * weight_lr_factor(t, total, warmup, s.lr_decay_points)
+            loss = self.weight_step(image, label, lr)
+            if loss is not None:
+                logs["loss/weights"] = loss
+            if t >= warmup:
+                arch_it = arch_it or self._loader(ARCH_STREAM)
+                t2 = time.perf_counter()
+                a_image, a_label = self._batch(arch_it)
+                t1 += time.perf_counter() - t2
+                ramp = regularizer_ramp(t, total, warmup)
+                terms = self.arch_step(a_image, a_label, ramp)
+                if terms is not None:
+                    logs.update({f"loss/{k}": v for k, v in terms.items()})
+                    logs["search/ramp"] = torch.tensor(ramp)
+            t3 = time.perf_counter()
+            wait += t1 - t0
+            compute += t3 - t1
+            self.state.iteration += 1
+            bar.update(1)
+            done = self.state.iteration
+            if self.rt.is_main and (done % 10 == 0 or done == end):
+                self._log(logs, lr, wait / max(wait + compute, 1e-9), bar)
+            if done % s.val_interval == 0 or done == total:
+                result = self.validate_and_decode()
+                if result["mean_dice"] > self.state.best_dice:
+                    self.state.best_dice = result["mean_dice"]
+                    self.save("best")
+                bar.set_postfix_str(f"val dice {result['mean_dice']:.3f}, paths {result['active_paths']}")
+            if done % s.checkpoint_interval == 0 or done == end:
+                self.save()
+        bar.close()
+        if self.state.iteration < total:
+            return None
+        return self.finish()
+
+    def _log(self, logs: dict, lr: float, wait_fraction: float, bar: tqdm) -> None:
+        t = self.state.iteration
+        values = {k: float(v) for k, v in logs.items()}  # one host sync per logging interval
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, t)
+        self.writer.add_scalar("lr/weights", lr, t)
+        self.writer.add_scalar("data/wait_fraction", wait_fraction, t)
+        self.writer.add_scalar("nonfinite/total", self.state.nonfinite_total, t)
+        with torch.no_grad():
+            shape = (self.cfg.data.batch_size * self.cfg.data.num_samples, int(self.plan["in_channels"]), *self.patch)
+            self.writer.add_scalar("arch/memory_ratio", float(self.space.memory_ratio(shape)), t)
+            from dints3d.search.regularizers import path_probabilities
+
+            self.writer.add_histogram("arch/eta", path_probabilities(self.space.log_alpha_a), t)
+        short = {k.split("/")[-1]: v for k, v in values.items() if k.startswith("loss/")}
+        bar.set_postfix({k: f"{v:.3f}" for k, v in short.items()}, refresh=False)
+
+    def finish(self) -> Path:
+        """Decode the final architecture and write ``arch.json`` and ``arch.png``."""
+        arch, info = self.decode()
+        if self.rt.is_main:
+            from dints3d.viz import draw_architecture
+
+            path = arch.save(self.out / "arch.json")
+            draw_architecture(arch, self.out / "arch.png")
+            summary = {"iterations": self.state.iteration, "best_validation_dice": self.state.best_dice,
+                       "nonfinite_steps": self.state.nonfinite_total, **info}
+            write_json(self.out / "summary.json", summary)
+            self.writer.flush()
+            return path
+        return self.out / "arch.json"
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _allgather_mean(dice: list[float], rt: Runtime) -> list[float]:
+    """Average per-class Dice over ranks, each rank weighted equally, NaNs ignored."""
+    t = torch.tensor(dice, dtype=torch.float64, device=rt.device)
+    gathered = [torch.zeros_like(t) for _ in range(rt.world_size)]
+    torch.distributed.all_gather(gathered, t)
+    return torch.nanmean(torch.stack(gathered), 0).cpu().tolist()
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                return _first_difference(a[key], b[key], f"{prefix}{key}.")
+            return f"{prefix}{key}: {a.get(key)!r} then, {b.get(key)!r} now"
+    return "no difference"
+

@@ -1,0 +1,39 @@
+"""``dints3d search``: bilevel DiNTS search on a prepared task (also under ``torchrun``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dints3d.config import config_path, load_config
+from dints3d.runtime import init_runtime
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="dints_search",
+                        help="YAML config path or packaged name (dints_search, demo); default: dints_search")
+    parser.add_argument("--work", required=True, help="folder written by `dints3d prepare`")
+    parser.add_argument("--out", required=True, help="run folder: arch.json, arch.png, checkpoints/, tensorboard/")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set search.iterations=2000 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="ITER",
+                        help="stop once ITER iterations are done, leaving a resumable checkpoint (job time limits)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dints3d.search.loop import SearchRun
+
+    cfg = load_config(config_path(args.config), args.overrides)
+    runtime = init_runtime(cfg.device)
+    search = SearchRun(cfg, args.work, args.out, runtime, resume=args.resume)
+    try:
+        arch_path = search.run(stop_after=args.stop_after)
+    finally:
+        search.close()
+    if runtime.is_main:
+        if arch_path is None:
+            print(f"stopped at iteration {search.state.iteration}; resume with --resume")
+        else:
+            print(f"architecture: {arch_path}")
+            print(f"picture:      {arch_path.parent / 'arch.png'}")
+    return 0

@@ -1,0 +1,24 @@
+"""Stateless schedules (a pure function of the iteration, so resuming needs no scheduler state)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def warmup_iterations(iterations: int, warmup_fraction: float) -> int:
+    return int(round(iterations * warmup_fraction))
+
+
+def weight_lr_factor(t: int, iterations: int, warmup: int, decay_points: Sequence[float]) -> float:
+    """Constant during warm-up, then halved each time post-warm-up progress passes a point (e.g. 40%, 80%)."""
+    if t < warmup or iterations <= warmup:
+        return 1.0
+    progress = (t - warmup) / (iterations - warmup)
+    return 0.5 ** sum(progress >= p for p in decay_points)
+
+
+def regularizer_ramp(t: int, iterations: int, warmup: int) -> float:
+    """w(t): 0 at the end of warm-up, rising linearly to 1 at the last iteration."""
+    if t < warmup or iterations <= warmup:
+        return 0.0
+    return min(1.0, (t - warmup) / max(1, iterations - 1 - warmup))
