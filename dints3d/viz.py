@@ -25,7 +25,7 @@ def dints_figure(arch: DintsArchitecture, title: str | None = None) -> Figure:
     path_in, path_out = topo.path_in.tolist(), topo.path_out.tolist()
     ops = operation_names(arch.spatial_dims)
     L, D = arch.num_blocks, arch.num_depths
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * L, 1.2 + 0.8 * D), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.0 + 0.75 * L), 1.6 + 0.8 * D), dpi=110)
     for layer in range(L):
         for p in range(topo.num_paths):
             if arch.arch_code_a[layer, p]:
@@ -47,7 +47,7 @@ def dints_figure(arch: DintsArchitecture, title: str | None = None) -> Figure:
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     handles = [Line2D([0], [0], color=OP_COLORS[i % len(OP_COLORS)], lw=2, label=name) for i, name in enumerate(ops)]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(ops), frameon=False,
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(len(ops), 5), frameon=False,
               fontsize=8)
     ax.set_title(title or f"DiNTS: {arch.num_active_paths}/{L * topo.num_paths} paths active")
     fig.tight_layout()

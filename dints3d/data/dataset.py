@@ -7,18 +7,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader, load_decathlon_datalist
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
 
+from dints3d.data.datalist import read_datalist
+from dints3d.data.fingerprint import read_plan
 from dints3d.errors import DintsError
-from dints3d.io import read_json
 
 
 def load_plan(work: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> dict:
-    """``WORK/plan.json`` with config ``plan:`` overrides applied (unknown fields refused)."""
-    path = Path(work) / "plan.json"
-    if not path.exists():
-        raise DintsError(path, "not found; run `dints3d prepare --task TASK --out WORK` first")
-    plan = read_json(path)
+    """``WORK/plan.json`` with a config's ``plan:`` overrides applied (unknown fields refused)."""
+    plan = read_plan(work)
     for key, value in (overrides or {}).items():
         if key not in plan:
             raise DintsError("plan", f"unknown plan field '{key}' (fields: {', '.join(sorted(plan))})")
@@ -27,19 +25,11 @@ def load_plan(work: str | os.PathLike, overrides: Mapping[str, Any] | None = Non
 
 
 def load_items(work: str | os.PathLike, key: str, max_cases: int | None = None) -> list[dict]:
-    """One list of ``WORK/datalist.json`` (e.g. ``fold0_weights``) with absolute paths."""
-    path = Path(work) / "datalist.json"
-    if not path.exists():
-        raise DintsError(path, "not found; run `dints3d prepare --task TASK --out WORK` first")
-    datalist = read_json(path)
-    if key not in datalist:
-        raise DintsError(path, f"has no list '{key}' (was it prepared with fewer folds?)")
-    try:
-        items = load_decathlon_datalist(os.fspath(path), data_list_key=key, base_dir=datalist["task_dir"])
-    except (KeyError, ValueError) as e:
-        raise DintsError(path, f"cannot read list '{key}': {e}") from None
+    """One non-empty list of ``WORK/datalist.json`` (e.g. ``fold0_weights``), absolute paths, at most
+    ``max_cases`` items."""
+    items = read_datalist(work, key)
     if not items:
-        raise DintsError(path, f"list '{key}' is empty")
+        raise DintsError(Path(work) / "datalist.json", f"list '{key}' is empty (too few cases for this split)")
     return items[:max_cases] if max_cases else items
 
 

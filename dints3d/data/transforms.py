@@ -78,13 +78,16 @@ class NormalizeByPland(MapTransform):
         return d
 
 
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # NIfTI world axes, stated to keep MONAI's behaviour fixed
+
+
 def _preprocessing(plan: Mapping, keys: Sequence[str], device: torch.device | None = None) -> list:
     """The deterministic head of every chain."""
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     steps = [
         LoadImaged(keys=list(keys), image_only=True),
         EnsureChannelFirstd(keys=list(keys)),
-        Orientationd(keys=list(keys), axcodes=plan.get("orientation", "RAS")),
+        Orientationd(keys=list(keys), axcodes=plan.get("orientation", "RAS"), labels=_RAS_LABELS),
         Spacingd(keys=list(keys), pixdim=plan["target_spacing"], mode=modes),
         NormalizeByPland(keys="image", normalization=plan["normalization"]),
         EnsureTyped(keys=list(keys), dtype=[torch.float32 if k == "image" else torch.uint8 for k in keys]),

@@ -289,6 +289,7 @@ class SearchRun:
                            "the decoder's connected choice is used")
         return {"mean_dice": mean, **info}
 
+    @torch.no_grad()
     def decode(self, dice: list | None = None):
         arch, info = self.space.decode()
         sizes_shape = (self.cfg.data.batch_size * self.cfg.data.num_samples, int(self.plan["in_channels"]),

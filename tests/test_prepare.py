@@ -1,0 +1,220 @@
+"""``dints3d prepare``: fingerprint, nnU-Net-style plan and datalist on synthetic tasks."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dints3d.cli import main
+from dints3d.data.datalist import read_datalist
+from dints3d.data.fingerprint import ForegroundIntensity, FingerprintBuilder, patch_size, read_plan
+from dints3d.data.msd import load_image, load_label, read_task
+from dints3d.data.prepare import prepare
+from dints3d.data.synthetic import make_msd_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(work: Path, name: str) -> dict:
+    return json.loads((work / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def mri_task(tmp_path_factory):
+    """Anisotropic, 2 modalities, 3 foreground classes."""
+    return make_msd_task(tmp_path_factory.mktemp("mri") / "task", cases=7, test_cases=2, classes=3, modalities=2,
+                         anisotropic=True, size=28, seed=2)
+
+
+@pytest.fixture(scope="session")
+def ct_task(tmp_path_factory):
+    return make_msd_task(tmp_path_factory.mktemp("ct") / "task", cases=4, test_cases=0, size=24, seed=4)
+
+
+@pytest.fixture(scope="session")
+def mri_work(mri_task, tmp_path_factory):
+    work = tmp_path_factory.mktemp("mri_work")
+    assert main(["prepare", "--task", str(mri_task), "--out", str(work), "--folds", "3"]) == 0
+    return work
+
+
+def test_plan_of_anisotropic_two_modality_task(mri_task, mri_work, capsys):
+    plan = read_plan(mri_work)
+    assert plan["in_channels"] == 2 and plan["modalities"] == ["T2", "ADC"]
+    assert plan["out_channels"] == 4 and plan["class_names"] == ["background", "organ", "lesion", "organ2"]
+    spacings = np.array([nib.load(mri_task / "imagesTr" / f"synthetic_{i:03d}.nii.gz").header.get_zooms()[:3]
+                         for i in range(7)])
+    assert plan["anisotropic_axis"] == 2
+    assert "axis 2 uses the 10th percentile" in plan["spacing_rule"]
+    assert plan["target_spacing"][2] == pytest.approx(np.percentile(spacings[:, 2], 10), abs=1e-5)
+    assert plan["target_spacing"][2] < np.median(spacings[:, 2])
+    assert plan["target_spacing"][:2] == pytest.approx(np.median(spacings[:, :2], axis=0), abs=1e-5)
+    assert [n["scheme"] for n in plan["normalization"]] == ["zscore_nonzero"] * 2
+    assert plan["patch_divisor"] == 32 and plan["overrides"] == {}
+    shapes = np.array([nib.load(mri_task / "imagesTr" / f"synthetic_{i:03d}.nii.gz").shape[:3] for i in range(7)])
+    median = np.median(shapes * spacings / plan["target_spacing"], axis=0)
+    assert plan["median_shape"] == pytest.approx(median, abs=0.01)
+    assert plan["patch_size"] == [min(96, int(np.ceil(m / 32)) * 32) for m in median]
+
+
+def test_fingerprint_matches_the_files(mri_task, mri_work):
+    fp = _load(mri_work, "fingerprint")
+    assert fp["num_cases"] == 7 and fp["modalities"] == ["T2", "ADC"] and fp["task_dir"] == str(mri_task.resolve())
+    values = {0: [], 1: []}
+    for case in fp["cases"]:
+        img, lab = nib.load(mri_task / case["image"]), np.asanyarray(nib.load(mri_task / case["label"]).dataobj)
+        assert case["shape"] == list(lab.shape) and case["orientation"] == "LPS"
+        assert case["spacing"] == pytest.approx(img.header.get_zooms()[:3], abs=1e-5)
+        assert case["class_voxels"] == {str(k): int((lab == k).sum()) for k in range(4)}
+        data = np.asanyarray(img.dataobj)
+        for c in values:
+            values[c].append(data[..., c][lab > 0].astype(np.float64))
+    for c, stats in enumerate(fp["intensity"]):
+        v = np.concatenate(values[c])  # fewer than 10k foreground voxels per case: the sample is every voxel
+        assert stats["mean"] == pytest.approx(v.mean(), rel=1e-9) and stats["std"] == pytest.approx(v.std(), rel=1e-9)
+        assert (stats["min"], stats["max"]) == pytest.approx((v.min(), v.max()))
+        assert stats["percentile_00_5"] == pytest.approx(np.percentile(v, 0.5), rel=1e-5)
+        assert stats["percentile_99_5"] == pytest.approx(np.percentile(v, 99.5), rel=1e-5)
+    assert sum(fp["class_frequency"].values()) == pytest.approx(1.0)
+
+
+def test_ct_task_gets_clip_and_dataset_zscore(ct_task, tmp_path, capsys):
+    outputs = prepare(ct_task, tmp_path / "work", folds=2)
+    (norm,) = outputs["plan"]["normalization"]
+    (stats,) = outputs["fingerprint"]["intensity"]
+    assert norm == {"modality": "CT", "scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
+                    "mean": stats["mean"], "std": stats["std"]}
+    assert -100 < norm["clip"][0] < norm["clip"][1] < 300  # HU of the soft-tissue foreground, not air or bone
+    assert outputs["plan"]["anisotropic_axis"] is None and outputs["plan"]["spacing_rule"] == "median"
+
+
+def test_streaming_statistics_are_exact_and_sample_is_bounded():
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(100, 20, n) for n in (5000, 1, 300, 0, 12000)]
+    stats = ForegroundIntensity("CT", samples_per_case=1000)
+    for chunk in chunks:
+        stats.add(chunk, np.random.default_rng(1))
+    everything = np.concatenate(chunks)
+    summary = stats.summary()
+    assert summary["mean"] == pytest.approx(everything.mean(), rel=1e-12)
+    assert summary["std"] == pytest.approx(everything.std(), rel=1e-12)
+    assert sum(s.size for s in stats.samples) == 1000 + 1 + 300 + 1000
+    assert summary["percentile_50_0"] == pytest.approx(100, abs=3)
+
+
+def test_fingerprint_does_not_depend_on_case_order(ct_task):
+    task = read_task(ct_task)
+    results = []
+    for order in (range(4), reversed(range(4))):
+        builder = FingerprintBuilder(task, seed=0)
+        for i in order:
+            image = load_image(task.path(task.training[i].image), 1)
+            builder.add(i, task.training[i], image, load_label(task.path(task.training[i].label), task.labels, image))
+        results.append(builder.result())
+    assert results[0]["cases"] == results[1]["cases"]
+    for a, b in zip(results[0]["intensity"], results[1]["intensity"]):
+        assert a.pop("modality") == b.pop("modality") and a == pytest.approx(b, rel=1e-12)
+
+
+def test_patch_size_rule():
+    assert patch_size([150.0, 40.2, 10.0], 32) == [96, 64, 32]
+    assert patch_size([150.0, 40.2, 10.0], 16) == [96, 48, 16]
+    assert patch_size([150.0, 70.0, 10.0], 64) == [64, 64, 64]  # cap 96 rounds down to the divisor
+    assert patch_size([300.0, 70.0, 10.0], 128) == [128, 128, 128]
+
+
+def test_folds_and_halves_are_disjoint_and_cover(mri_work):
+    data = _load(mri_work, "datalist")
+    cases = [e["case"] for e in data["training"]]
+    assert len(cases) == 7 and data["num_folds"] == 3 and [e["case"] for e in data["test"]] == [
+        "synthetic_007", "synthetic_008"]
+    validation_sets = []
+    for k in range(3):
+        names = {key: [e["case"] for e in data[f"fold{k}_{key}"]] for key in ("train", "validation", "weights", "arch")}
+        train, val = set(names["train"]), set(names["validation"])
+        assert not train & val and train | val == set(cases)
+        assert val == {e["case"] for e in data["training"] if e["fold"] == k}
+        weights, arch = set(names["weights"]), set(names["arch"])
+        assert weights and arch and not weights & arch and weights | arch == train
+        assert abs(len(weights) - len(arch)) <= 1
+        validation_sets.append(val)
+    assert sorted(len(v) for v in validation_sets) == [2, 2, 3]
+    assert set().union(*validation_sets) == set(cases)
+
+
+def test_same_seed_same_files_other_seed_other_split(ct_task, tmp_path, capsys):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert main(["prepare", "--task", str(ct_task), "--out", str(tmp_path / name), "--folds", "2",
+                     "--seed", str(seed)]) == 0
+    for file in ("fingerprint.json", "plan.json", "datalist.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    folds = [[e["fold"] for e in _load(tmp_path / n, "datalist")["training"]] for n in "ac"]
+    halves = [[e["case"] for e in _load(tmp_path / n, "datalist")["fold0_weights"]] for n in "ac"]
+    assert folds[0] != folds[1] or halves[0] != halves[1]
+
+
+def test_config_overrides_plan_and_divisor(ct_task, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("plan:\n  patch_size: [64, 64, 32]\n  orientation: LPS\n")
+    assert main(["prepare", "--task", str(ct_task), "--out", str(tmp_path / "w"), "--folds", "2",
+                 "--config", str(config)]) == 0
+    plan = read_plan(tmp_path / "w")
+    assert plan["patch_size"] == [64, 64, 32] and plan["orientation"] == "LPS"
+    assert plan["overrides"] == {"patch_size": [64, 64, 32], "orientation": "LPS"}
+    assert "patch 64 × 64 × 32" in capsys.readouterr().out
+
+    assert main(["prepare", "--task", str(ct_task), "--out", str(tmp_path / "w3"), "--folds", "2",
+                 "--set", "dints.num_depths=3", "--set", "plan.target_spacing=[2.0,2.0,2.0]"]) == 0
+    plan = read_plan(tmp_path / "w3")
+    assert plan["patch_divisor"] == 16 and plan["target_spacing"] == [2.0, 2.0, 2.0]
+    assert all(p % 16 == 0 for p in plan["patch_size"]) and max(plan["patch_size"]) <= 32  # ~24 mm cases at 2 mm
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("plan.patch_sise=[64,64,64]", "unknown plan field 'plan.patch_sise'"),
+    ("plan.patch_size=[64,64,40]", "divisible by the network's patch divisor 32"),
+    ("plan.target_spacing=[1,1]", "'plan.target_spacing' must be a list of 3 positive numbers"),
+])
+def test_bad_plan_override_is_refused(ct_task, tmp_path, capsys, override, problem):
+    assert main(["prepare", "--task", str(ct_task), "--out", str(tmp_path / "w"), "--folds", "2",
+                 "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set: ") and problem in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_datalist_loads_with_monai(mri_task, mri_work):
+    from monai.data import load_decathlon_datalist
+
+    path = mri_work / "datalist.json"
+    for key in ("fold0_weights", "fold2_validation", "training"):
+        items = load_decathlon_datalist(path, data_list_key=key, base_dir=mri_task)
+        assert items and all(Path(i["image"]).is_file() and Path(i["label"]).is_file() for i in items)
+        assert [(i["image"], i["label"]) for i in items] == [
+            (i["image"], i["label"]) for i in read_datalist(mri_work, key)]
+    test = load_decathlon_datalist(path, is_segmentation=False, data_list_key="test", base_dir=mri_task)
+    assert all(Path(i["image"]).is_file() for i in test)
+
+
+def test_summary_and_script_entry_point(ct_task, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "preprocess" / "prepare_msd.py"), "--task", str(ct_task),
+                             "--out", str(tmp_path / "w"), "--folds", "2"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "4 training + 0 test cases, 2 folds" in result.stdout and "normalization: CT ct clip" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["datalist.json", "fingerprint.json", "plan.json"]
+
+
+def test_progress_bar_on_a_terminal_only(ct_task, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        prepare(ct_task, tmp_path / "w", folds=2)
+        assert ("prepare:" in stream.getvalue() and "/4 " in stream.getvalue()) is shown

@@ -1,0 +1,204 @@
+"""Corrupted tasks: ``dints3d prepare`` exits 2 with one line ``error: <file>: <problem>`` naming the offending file,
+no traceback, and writes nothing (a fresh WORK stays absent, an existing WORK keeps its files byte for byte)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dints3d.cli import main
+from dints3d.data.synthetic import make_msd_task
+
+IMAGE = "imagesTr/synthetic_001.nii.gz"
+LABEL = "labelsTr/synthetic_001.nii.gz"
+
+
+def _edit_json(task: Path, edit) -> Path:
+    path = task / "dataset.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _rewrite(task: Path, rel: str, change) -> Path:
+    """Replace a NIfTI by ``change(array, affine) -> (array, affine)``."""
+    path = task / rel
+    img = nib.load(path)
+    data, affine = change(np.asanyarray(img.dataobj), img.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def missing_key(task):
+    return _edit_json(task, lambda d: d.pop("labels")), "missing required key(s): labels"
+
+
+def invalid_json(task):
+    path = task / "dataset.json"
+    path.write_text(path.read_text()[:-20])
+    return path, "invalid JSON"
+
+
+def missing_dataset_json(task):
+    (task / "dataset.json").unlink()
+    return task / "dataset.json", "file not found"
+
+
+def label_not_found(task):
+    (task / LABEL).unlink()
+    return task / LABEL, "file not found"
+
+
+def missing_test_image(task):
+    path = task / "imagesTs/synthetic_004.nii.gz"
+    path.unlink()
+    return path, "file not found"
+
+
+def truncated(task):
+    path = task / IMAGE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path, "truncated or corrupt"
+
+
+def not_gzip(task):
+    path = task / LABEL
+    path.write_bytes(b"this is not a NIfTI file" * 40)
+    return path, "truncated or corrupt"
+
+
+def label_shape(task):
+    return _rewrite(task, LABEL, lambda a, aff: (a[:-3], aff)), "differs from the image's spatial shape"
+
+
+def affine_mismatch(task):
+    def shift(a, aff):
+        aff[:3, 3] += 5.0
+        return a, aff
+    return _rewrite(task, LABEL, shift), "label affine differs from the image's"
+
+
+def label_value(task):
+    def add_seven(a, aff):
+        a = a.copy()
+        a[1, 1, 1] = 7
+        return a, aff
+    return _rewrite(task, LABEL, add_seven), "label value(s) [7] not declared"
+
+
+def nan_voxels(task):
+    def poke(a, aff):
+        a = a.astype(np.float32)
+        a[2:4, 2, 2] = np.nan
+        return a, aff
+    return _rewrite(task, IMAGE, poke), "2 NaN or infinite voxels"
+
+
+def image_2d(task):
+    return _rewrite(task, IMAGE, lambda a, aff: (a[:, :, 0], aff)), "(2D); expected 3D"
+
+
+def modality_count(task):
+    return _rewrite(task, IMAGE, lambda a, aff: (np.stack([a, a], -1), aff)), "(4D); expected 3D, or 4D with 1"
+
+
+def empty_training(task):
+    return _edit_json(task, lambda d: d.update(training=[])), "'training' must be a non-empty list"
+
+
+def duplicate_case(task):
+    problem = "duplicate case 'synthetic_000' (imagesTr/synthetic_000.nii.gz and imagesTr/synthetic_000.nii.gz)"
+    return _edit_json(task, lambda d: d["training"].append(d["training"][0])), problem
+
+
+def duplicate_case_id(task):
+    def add(d):
+        d["training"].append({"image": "./imagesTr/other/synthetic_000.nii.gz", "label": d["training"][1]["label"]})
+    return _edit_json(task, add), "duplicate case 'synthetic_000'"
+
+
+def duplicate_in_test_set(task):
+    problem = "duplicate case 'synthetic_002' (imagesTr/synthetic_002.nii.gz and imagesTs/synthetic_002.nii.gz)"
+    return _edit_json(task, lambda d: d["test"].append("./imagesTs/synthetic_002.nii.gz")), problem
+
+
+CORRUPTIONS = [missing_key, invalid_json, missing_dataset_json, label_not_found, missing_test_image, truncated,
+               not_gzip, label_shape, affine_mismatch, label_value, nan_voxels, image_2d, modality_count,
+               empty_training, duplicate_case, duplicate_case_id, duplicate_in_test_set]
+
+
+@pytest.fixture(scope="session")
+def good_task(tmp_path_factory):
+    return make_msd_task(tmp_path_factory.mktemp("good") / "task", cases=4, test_cases=1, size=20, seed=0)
+
+
+@pytest.fixture(scope="session")
+def good_work(good_task, tmp_path_factory):
+    work = tmp_path_factory.mktemp("good_work")
+    assert main(["prepare", "--task", str(good_task), "--out", str(work), "--folds", "2"]) == 0
+    return work
+
+
+@pytest.fixture
+def task(good_task, tmp_path):
+    return Path(shutil.copytree(good_task, tmp_path / "task"))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
+
+
+def _assert_one_error_line(err: str, path: Path, problem: str) -> None:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}: "), err
+    assert problem in lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
+def test_fresh_work_gets_nothing(task, tmp_path, capsys, corrupt):
+    path, problem = corrupt(task)
+    work = tmp_path / "work"
+    assert main(["prepare", "--task", str(task), "--out", str(work), "--folds", "2"]) == 2
+    out, err = capsys.readouterr()
+    _assert_one_error_line(err, path, problem)
+    assert out == "" and not work.exists()
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
+def test_existing_work_is_left_intact(task, good_work, tmp_path, capsys, corrupt):
+    work = Path(shutil.copytree(good_work, tmp_path / "work"))
+    before = _snapshot(work)
+    path, problem = corrupt(task)
+    assert main(["prepare", "--task", str(task), "--out", str(work), "--folds", "2"]) == 2
+    _assert_one_error_line(capsys.readouterr().err, path, problem)
+    assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize("argv, where, problem", [
+    (["--folds", "6"], "--folds", "6 folds need at least 6 training cases, the task has 4"),
+    (["--folds", "1"], "--folds", "need at least 2 folds"),
+    (["--folds", "2", "--set", "plan.patch_sise=[64,64,64]"], "--set", "unknown plan field 'plan.patch_sise'"),
+    (["--folds", "2", "--config", "no_such_config.yaml"], "no_such_config.yaml", "config file not found"),
+])
+def test_bad_options(task, tmp_path, capsys, argv, where, problem):
+    assert main(["prepare", "--task", str(task), "--out", str(tmp_path / "work"), *argv]) == 2
+    _assert_one_error_line(capsys.readouterr().err, where, problem)
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("corrupt", [truncated, invalid_json], ids=lambda f: f.__name__)
+def test_subprocess_prints_no_traceback(task, tmp_path, corrupt):
+    path, problem = corrupt(task)
+    result = subprocess.run([sys.executable, "-m", "dints3d", "prepare", "--task", str(task), "--out",
+                             str(tmp_path / "work"), "--folds", "2"], capture_output=True, text=True)
+    assert result.returncode == 2
+    _assert_one_error_line(result.stderr, path, problem)
+    assert result.stdout == "" and not (tmp_path / "work").exists()
