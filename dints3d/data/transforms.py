@@ -7,16 +7,16 @@ Inference keeps the metadata ``Invertd`` needs to map predictions back to the in
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    NormalizeIntensityd,
     Orientationd,
     RandCropByLabelClassesd,
     RandFlipd,
@@ -24,6 +24,7 @@ from monai.transforms import (
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
@@ -31,51 +32,25 @@ from monai.transforms import (
 from dints3d.errors import DintsError
 
 
-class NormalizeByPland(MapTransform):
-    """Per-channel intensity normalization as the plan says (``C[spatial]`` in, float32 out).
+def normalization_transform(plan: Mapping, key: str = "image") -> MapTransform:
+    """The plan's intensity normalization as one MONAI transform (so bundles can use it with MONAI alone).
 
-    ``{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}``: clip to [lo, hi], then (x − m) / s with dataset
-    statistics. ``{"scheme": "zscore_nonzero"}``: per image, (x − mean) / std over the channel's non-zero voxels,
-    zero voxels stay 0 (as MONAI ``NormalizeIntensity(nonzero=True, channel_wise=True)``).
+    CT (``{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}``): clip to [lo, hi] then (x − m) / s, which is
+    exactly ``ScaleIntensityRanged`` mapping [lo, hi] → [(lo − m)/s, (hi − m)/s] with clipping. Other modalities
+    (``zscore_nonzero``): ``NormalizeIntensityd(nonzero=True, channel_wise=True)``.
     """
-
-    def __init__(self, keys: KeysCollection, normalization: Sequence[Mapping], allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.normalization = [dict(n) for n in normalization]
-        for n in self.normalization:
-            if n.get("scheme") not in ("ct", "zscore_nonzero"):
-                raise DintsError("plan.json", f"unknown normalization scheme {n.get('scheme')!r}")
-
-    @staticmethod
-    def _normalize(channel: torch.Tensor, spec: Mapping) -> torch.Tensor:
-        if spec["scheme"] == "ct":
-            lo, hi = spec["clip"]
-            return (channel.clamp(lo, hi) - spec["mean"]) / max(float(spec["std"]), 1e-8)
-        mask = channel != 0
-        if not bool(mask.any()):
-            return channel
-        values = channel[mask]
-        std = values.std(unbiased=False) if values.numel() > 1 else values.new_tensor(1.0)
-        out = torch.zeros_like(channel)
-        out[mask] = (values - values.mean()) / torch.clamp(std, min=1e-8)
-        return out
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            if img.shape[0] != len(self.normalization):
-                raise DintsError(
-                    str(d.get(f"{key}_path", key)),
-                    f"image has {img.shape[0]} channels but the plan normalizes {len(self.normalization)}",
-                )
-            # In-place on a float copy keeps a MetaTensor's affine and applied operations (needed by Invertd).
-            out = img.float().clone()
-            raw = out.as_tensor() if hasattr(out, "as_tensor") else out
-            for c, spec in enumerate(self.normalization):
-                raw[c] = self._normalize(raw[c], spec)
-            d[key] = out
-        return d
+    specs = list(plan["normalization"])
+    schemes = {spec.get("scheme") for spec in specs}
+    if schemes == {"zscore_nonzero"}:
+        return NormalizeIntensityd(keys=key, nonzero=True, channel_wise=True)
+    if schemes == {"ct"} and len(specs) == 1:
+        (spec,) = specs
+        lo, hi = (float(v) for v in spec["clip"])
+        mean, std = float(spec["mean"]), max(float(spec["std"]), 1e-8)
+        return ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=(lo - mean) / std, b_max=(hi - mean) / std,
+                                    clip=True)
+    raise DintsError("plan.json", f"unsupported normalization {sorted(map(str, schemes))} for {len(specs)} channels "
+                     "(one CT channel, or z-score for every channel)")
 
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # NIfTI world axes, stated to keep MONAI's behaviour fixed
@@ -89,7 +64,7 @@ def _preprocessing(plan: Mapping, keys: Sequence[str], device: torch.device | No
         EnsureChannelFirstd(keys=list(keys)),
         Orientationd(keys=list(keys), axcodes=plan.get("orientation", "RAS"), labels=_RAS_LABELS),
         Spacingd(keys=list(keys), pixdim=plan["target_spacing"], mode=modes),
-        NormalizeByPland(keys="image", normalization=plan["normalization"]),
+        normalization_transform(plan),
         EnsureTyped(keys=list(keys), dtype=[torch.float32 if k == "image" else torch.uint8 for k in keys]),
     ]
     if device is not None:
