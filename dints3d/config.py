@@ -49,6 +49,18 @@ class DintsConfig:
 
 
 @dataclass
+class AutoDeepLabConfig:
+    """Auto-DeepLab supernet (Liu et al., CVPR 2019): L-layer trellis over strides 4–32, B-block cells."""
+
+    num_layers: int = 12
+    num_blocks: int = 5  #: blocks per cell (B)
+    filter_multiplier: int = 8  #: F during search (S/M/L networks use 20/32/48)
+    spatial_dims: int = 2
+    supernet: str = "per_transition"  #: "per_transition" (the paper: one cell per incoming edge) or "mixed_input"
+    num_classes: int | None = None  #: None → from the data (19 for Cityscapes)
+
+
+@dataclass
 class SearchConfig:
     """Bilevel search schedule and losses (defaults: the DiNTS reference recipe)."""
 
@@ -100,12 +112,13 @@ class Config:
     device: str = "auto"  #: "auto" (cuda if available), "cpu", "cuda", "cuda:1" …
     data: DataConfig = field(default_factory=DataConfig)
     dints: DintsConfig = field(default_factory=DintsConfig)
+    autodeeplab: AutoDeepLabConfig = field(default_factory=AutoDeepLabConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     plan: dict = field(default_factory=dict)
 
 
-SPACES = ("dints",)
+SPACES = ("dints", "autodeeplab")
 
 
 def _type_name(tp: Any) -> str:

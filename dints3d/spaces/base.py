@@ -72,10 +72,20 @@ class SearchSpace(nn.Module, abc.ABC):
         """The current discrete architecture and scalar facts about the decoding (for logs)."""
 
 
-def _space_classes() -> dict[str, type[Architecture]]:
-    from dints3d.spaces.dints import DintsArchitecture
+#: space name → module defining its Architecture subclass (imported on first use)
+SPACE_MODULES = {"dints": "dints3d.spaces.dints", "autodeeplab": "dints3d.spaces.autodeeplab"}
 
-    return {DintsArchitecture.space: DintsArchitecture}
+
+def _space_classes() -> dict[str, type[Architecture]]:
+    import importlib
+
+    for module in SPACE_MODULES.values():
+        importlib.import_module(module)
+    return {cls.space: cls for cls in _all_subclasses(Architecture) if getattr(cls, "space", None)}
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_all_subclasses(sub))]
 
 
 def architecture_from_dict(data: Any, source: str | None = None) -> Architecture:
