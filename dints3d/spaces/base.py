@@ -76,12 +76,12 @@ class SearchSpace(nn.Module, abc.ABC):
 SPACE_MODULES = {"dints": "dints3d.spaces.dints", "autodeeplab": "dints3d.spaces.autodeeplab"}
 
 
-def _space_classes() -> dict[str, type[Architecture]]:
+def architecture_class(space: str) -> type[Architecture]:
+    """The Architecture subclass of ``space`` (its module imported on demand)."""
     import importlib
 
-    for module in SPACE_MODULES.values():
-        importlib.import_module(module)
-    return {cls.space: cls for cls in _all_subclasses(Architecture) if getattr(cls, "space", None)}
+    importlib.import_module(SPACE_MODULES[space])
+    return next(c for c in _all_subclasses(Architecture) if getattr(c, "space", None) == space)
 
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -92,14 +92,13 @@ def architecture_from_dict(data: Any, source: str | None = None) -> Architecture
     """Dispatch on ``data["space"]``."""
     if not isinstance(data, dict):
         raise DintsError(source, "an architecture must be a JSON object")
-    classes = _space_classes()
     space = data.get("space")
-    if space not in classes:
-        raise DintsError(source, f"unknown or missing 'space' {space!r}; expected one of {', '.join(classes)}")
+    if space not in SPACE_MODULES:
+        raise DintsError(source, f"unknown or missing 'space' {space!r}; expected one of {', '.join(SPACE_MODULES)}")
     version = data.get("version")
     if version != ARCH_FORMAT_VERSION:
         raise DintsError(source, f"unsupported arch format version {version!r} (this dints3d reads {ARCH_FORMAT_VERSION})")
-    return classes[space].from_dict(data, source)
+    return architecture_class(space).from_dict(data, source)
 
 
 def list_presets() -> list[str]:
