@@ -86,6 +86,7 @@ class SearchConfig:
     val_overlap: float = 0.625
     max_nonfinite_steps: int = 20  #: consecutive non-finite losses before the run stops
     checkpoint_interval: int = 200  #: iterations between "last" checkpoints
+    check_replicas: bool = True  #: under torchrun, verify after each architecture step that α/β agree on all ranks
 
 
 @dataclass

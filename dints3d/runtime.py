@@ -43,6 +43,49 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
 
 
+    def all_true(self, flag: bool) -> bool:
+        """``flag`` and-ed over ranks, so every rank takes the same branch (e.g. skipping a non-finite step)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def broadcast_parameters(self, module: torch.nn.Module) -> None:
+        """Make rank 0's parameters and buffers everyone's."""
+        if self.distributed:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """All-reduce (mean) the gradients of ``params`` in one flat bucket."""
+        if not self.distributed:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def replica_spread(self, tensors: list[torch.Tensor]) -> float:
+        """Largest difference of any element of ``tensors`` between ranks (0.0 when all ranks agree exactly)."""
+        if not self.distributed:
+            return 0.0
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        high, low = flat.clone(), flat.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        return float((high - low).max())
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` → the local CUDA device if there is one, else CPU. Asking for CUDA without one is an error."""
     if name == "auto":

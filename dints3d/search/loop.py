@@ -95,6 +95,7 @@ class SearchRun:
         self.patch = resolve_patch_size(cfg, self.plan)
         seed_everything(cfg.seed)
         self.space = build_space(cfg, self.plan).to(runtime.device)
+        runtime.broadcast_parameters(self.space)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=True,
                                   batch=True)
         self._make_optimizers()
@@ -206,7 +207,7 @@ class SearchRun:
         return batch["image"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
 
     def _finite_or_skip(self, loss: torch.Tensor, kind: str) -> bool:
-        if torch.isfinite(loss).item():
+        if self.rt.all_true(bool(torch.isfinite(loss).item())):
             self.state.nonfinite_consecutive = 0
             return True
         self.state.nonfinite_total += 1
@@ -220,15 +221,6 @@ class SearchRun:
                              "learning rate, or disable amp)")
         return False
 
-    def _average_gradients(self, params: list[torch.Tensor]) -> None:
-        if self.rt.distributed:
-            grads = [p.grad for p in params if p.grad is not None]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            torch.distributed.all_reduce(flat)
-            flat /= self.rt.world_size
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
-
     def weight_step(self, image: torch.Tensor, label: torch.Tensor, lr: float) -> float | None:
         self._set_trainable(weights=True)
         for group in self.opt_w.param_groups:
@@ -239,7 +231,7 @@ class SearchRun:
         if not self._finite_or_skip(loss, "weight"):
             return None
         self.scaler_w.scale(loss).backward()
-        self._average_gradients(self.weight_params)
+        self.rt.average_gradients(self.weight_params)
         self.scaler_w.step(self.opt_w)
         self.scaler_w.update()
         return loss.detach()
@@ -255,10 +247,15 @@ class SearchRun:
         if not self._finite_or_skip(loss, "architecture"):
             return None
         self.scaler_a.scale(loss).backward()
-        self._average_gradients(self.arch_params)
+        self.rt.average_gradients(self.arch_params)
         for opt in self.opt_arch.values():
             self.scaler_a.step(opt)
         self.scaler_a.update()
+        if self.cfg.search.check_replicas and self.rt.distributed:
+            spread = self.rt.replica_spread(self.arch_params)
+            if spread != 0.0:
+                raise DintsError("search", f"architecture parameters differ between ranks by {spread:g} after "
+                                 f"iteration {self.state.iteration}; the replicas have diverged")
         return {"arch_seg": seg.detach(), **{k: v.detach() for k, v in terms.items()}}
 
     # ------------------------------------------------------------------------------------------- validation

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
         arch_path = search.run(stop_after=args.stop_after)
     finally:
         search.close()
+        runtime.close()
     if runtime.is_main:
         if arch_path is None:
             print(f"stopped at iteration {search.state.iteration}; resume with --resume")

@@ -26,6 +26,9 @@ def validate_dice(
     Returns ``num_classes - 1`` floats (NaN for a class absent from every case's ground truth).
     """
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    cases = list(cases)
+    if not cases:  # e.g. a rank whose shard of a small validation fold is empty
+        return [float("nan")] * (num_classes - 1)
     was_training = model.training
     model.eval()
     try:
