@@ -8,6 +8,7 @@ device and precision (``docs/search.md`` says why). State is checkpointed atomic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -26,6 +27,13 @@ from dints3d.data.stream import PatchStream, stream_loader
 from dints3d.data.transforms import train_transforms, validation_transforms
 from dints3d.errors import DintsError
 from dints3d.io import write_json, write_yaml
+from dints3d.preflight import (
+    check_free_disk,
+    check_writable,
+    estimate_cache_bytes,
+    out_of_memory_advice,
+    remove_stale_temporaries,
+)
 from dints3d.runtime import Runtime, seed_everything
 from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr_factor
 from dints3d.search.validate import validate_dice
@@ -80,6 +88,10 @@ class SearchRun:
     def __init__(self, cfg: Config, work: str | Path, out: str | Path, runtime: Runtime, resume: bool = False):
         self.cfg, self.work, self.out, self.rt = cfg, Path(work), Path(out), runtime
         self.ckpt_dir = self.out / "checkpoints"
+        if runtime.is_main:
+            check_writable(self.out)
+            for folder in (self.out, self.ckpt_dir, self.out / "arch_history"):
+                remove_stale_temporaries(folder)
         last = self.ckpt_dir / "last.pt"
         if resume:
             if not last.exists() and not (self.ckpt_dir / "last.prev.pt").exists():
@@ -93,6 +105,9 @@ class SearchRun:
 
         self.plan = load_plan(self.work, cfg.plan)
         self.patch = resolve_patch_size(cfg, self.plan)
+        if cfg.data.cache_dir is not None and runtime.is_main:
+            cases = len(load_items(self.work, "training"))
+            check_free_disk(cfg.data.cache_dir, estimate_cache_bytes(self.plan, cases))
         seed_everything(cfg.seed)
         self.space = build_space(cfg, self.plan).to(runtime.device)
         runtime.broadcast_parameters(self.space)
@@ -328,7 +343,8 @@ class SearchRun:
             image, label = self._batch(weights_it)
             t1 = time.perf_counter()
             lr = self.base_lr * weight_lr_factor(t, total, warmup, s.lr_decay_points)
-            loss = self.weight_step(image, label, lr)
+            with self._explain_out_of_memory():
+                loss = self.weight_step(image, label, lr)
             if loss is not None:
                 logs["loss/weights"] = loss
             if t >= warmup:
@@ -337,7 +353,8 @@ class SearchRun:
                 a_image, a_label = self._batch(arch_it)
                 t1 += time.perf_counter() - t2
                 ramp = regularizer_ramp(t, total, warmup)
-                terms = self.arch_step(a_image, a_label, ramp)
+                with self._explain_out_of_memory():
+                    terms = self.arch_step(a_image, a_label, ramp)
                 if terms is not None:
                     logs.update({f"loss/{k}": v for k, v in terms.items()})
                     logs["search/ramp"] = torch.tensor(ramp)
@@ -361,6 +378,24 @@ class SearchRun:
         if self.state.iteration < total:
             return None
         return self.finish()
+
+    @contextlib.contextmanager
+    def _explain_out_of_memory(self):
+        """Turn a CUDA out-of-memory error into one line with the predicted need and what to change."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            predicted = None
+            with contextlib.suppress(Exception):
+                from dints3d.memory import predict_search_step_memory
+
+                shape = (int(self.plan["in_channels"]), *self.patch)
+                predicted = predict_search_step_memory(
+                    self.space.hparams, shape, batch=self.cfg.data.batch_size * self.cfg.data.num_samples,
+                    amp=self.cfg.search.amp, num_classes=int(self.plan["out_channels"]),
+                    device=self.rt.device.type)["peak"]
+            raise DintsError(str(self.rt.device), out_of_memory_advice(predicted, self.patch,
+                                                                  self.cfg.search.checkpoint_cells)) from None
 
     def _log(self, logs: dict, lr: float, wait_fraction: float, bar: tqdm) -> None:
         t = self.state.iteration

@@ -312,6 +312,12 @@ class DintsSearchSpace(SearchSpace):
             self._sizes[key] = cached
         return cached
 
+    def _topology_on(self, device: torch.device) -> DintsTopology:
+        """The pattern tables on ``device`` (moved once, then cached)."""
+        if self.topology.device != device:
+            self.topology = self.topology.to(device)
+        return self.topology
+
     def memory_ratio(self, input_shape: tuple[int, ...]) -> torch.Tensor:
         """M / M_full (scalar tensor), the estimated memory of the current soft architecture relative to all paths."""
         sizes = self._path_sizes(input_shape)
@@ -332,7 +338,7 @@ class DintsSearchSpace(SearchSpace):
         probs = reg.pattern_probabilities(self.log_alpha_a, self.patterns)
         entropy = reg.path_entropy(probs) + reg.op_entropy(self.log_alpha_c)
         memory = (self.memory_ratio(input_shape) - self.ram_cost_factor).abs()
-        topology = reg.topology_loss(probs, self.topology)
+        topology = reg.topology_loss(probs, self._topology_on(probs.device))
         return {
             "entropy": self.entropy_weight * entropy,
             "memory": self.memory_weight * memory,

@@ -1,0 +1,155 @@
+"""Faults during a search: SIGKILL at several points, corrupt checkpoints, CUDA OOM, bad output folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dints3d.checkpoint import load_checkpoint
+from dints3d.cli import main
+from dints3d.config import load_config
+from dints3d.data.prepare import prepare
+from dints3d.data.synthetic import make_msd_task
+from dints3d.errors import DintsError
+from dints3d.runtime import init_runtime
+from dints3d.search.loop import SearchRun
+
+TINY = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125",
+        "data.patch_size=[32,32,32]", "data.num_samples=1", "data.max_cases=1", "search.iterations=6",
+        "search.val_interval=3", "search.checkpoint_interval=1", "search.val_overlap=0.0", "search.amp=false"]
+
+# Runs the CLI with a fault injected from outside the product code: the process SIGKILLs itself at a chosen point.
+KILLER = textwrap.dedent('''
+    import os, signal, sys
+    import torch
+    from dints3d.search import loop
+    point, at = sys.argv[1], int(sys.argv[2])
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if point == "checkpoint_write":  # after the temporary file is written, before it replaces last.pt
+        real_save = torch.save
+        def save(obj, f, *a, **k):
+            real_save(obj, f, *a, **k)
+            if isinstance(obj, dict) and obj.get("loop", {}).get("iteration") == at:
+                die()
+        torch.save = save
+    else:
+        method = {"arch_step": "arch_step", "validation": "validate_and_decode"}[point]
+        real = getattr(loop.SearchRun, method)
+        def wrapped(self, *a, **k):
+            if self.state.iteration == at:
+                die()
+            return real(self, *a, **k)
+        setattr(loop.SearchRun, method, wrapped)
+    from dints3d.cli import main
+    sys.exit(main(sys.argv[3:]))
+''')
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    task = make_msd_task(root / "task", cases=6, test_cases=1, size=36, seed=7)
+    prepare(task, root / "work", folds=3, progress=False)
+    return root / "work"
+
+
+def _cli_args(work, out, *extra):
+    return ["search", "--work", str(work), "--out", str(out), *[a for o in TINY for a in ("--set", o)], *extra]
+
+
+def _codes(path):
+    arch = json.loads(path.read_text())
+    return [arch[k] for k in ("node_a", "arch_code_a", "arch_code_c")], arch["provenance"]["validation_dice"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert main(_cli_args(work, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("point, at", [("checkpoint_write", 2), ("arch_step", 4), ("validation", 3)])
+def test_sigkill_then_resume_gives_the_uninterrupted_result(work, tmp_path, uninterrupted, point, at):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, point, str(at), *_cli_args(work, out)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "arch.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "dints3d", *_cli_args(work, out, "--resume")],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _codes(out / "arch.json") == _codes(uninterrupted / "arch.json")
+    a = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(uninterrupted / "checkpoints" / "last.pt")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+
+
+def test_truncated_checkpoint_falls_back_to_previous_with_warning(work, tmp_path):
+    out = tmp_path / "run"
+    assert main(_cli_args(work, out, "--stop-after", "3")) == 0
+    last = out / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        assert main(_cli_args(work, out, "--resume")) == 0
+    assert (out / "arch.json").exists()
+
+
+def test_garbled_checkpoints_stop_with_one_line_naming_the_file(work, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_cli_args(work, out, "--stop-after", "2")) == 0
+    for name in ("last.pt", "last.prev.pt"):
+        (out / "checkpoints" / name).write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(_cli_args(work, out, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "last.pt" in err[0] and "corrupt" in err[0]
+
+
+def test_cuda_out_of_memory_is_explained(work, tmp_path, monkeypatch):
+    cfg = load_config(None, TINY)
+    run = SearchRun(cfg, work, tmp_path / "oom", init_runtime("cpu"))
+
+    def exhausted(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run.space, "forward", exhausted)
+    try:
+        with pytest.raises(DintsError, match=r"out of memory; predicted need [0-9.]+ GiB; try search.checkpoint_cells"):
+            run.run()
+    finally:
+        run.close()
+
+
+def test_unwritable_output_and_full_disk_fail_before_work(work, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DintsError, match="cannot write here"):
+        SearchRun(load_config(None, TINY), work, blocker / "run", init_runtime("cpu"))
+
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10, 10, 0))
+    with pytest.raises(DintsError, match="GiB free for the cache"):
+        SearchRun(load_config(None, [*TINY, f"data.cache_dir={tmp_path / 'cache'}"]), work, tmp_path / "r2",
+                  init_runtime("cpu"))
+
+
+def test_stale_temporary_files_are_removed(work, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = out / "checkpoints" / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half")
+    run = SearchRun(load_config(None, TINY), work, out, init_runtime("cpu"))
+    run.close()
+    assert not stale.exists()
