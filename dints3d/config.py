@@ -69,7 +69,9 @@ class SearchConfig:
     lr: float = 0.025  #: SGD learning rate for weights (× world size when scale_lr)
     momentum: float = 0.9
     weight_decay: float = 4e-5
+    lr_schedule: str = "halving"  #: "halving" (DiNTS: ×0.5 at lr_decay_points) or "cosine" (Auto-DeepLab)
     lr_decay_points: list[float] = field(default_factory=lambda: [0.4, 0.8])  #: of post-warm-up progress; ×0.5
+    lr_min: float = 0.001  #: final learning rate of the cosine schedule
     arch_lr: float = 0.001  #: Adam learning rate for α and β (× world size when scale_lr)
     arch_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     arch_weight_decay: float = 0.0
@@ -242,6 +244,8 @@ def validate(cfg: Config, source: str | None = None) -> Config:
     for name in ("iterations", "val_interval", "checkpoint_interval", "max_nonfinite_steps"):
         if getattr(s, name) < 1:
             raise DintsError(source, f"'search.{name}' must be ≥ 1")
+    if s.lr_schedule not in ("halving", "cosine"):
+        raise DintsError(source, f"'search.lr_schedule' must be 'halving' or 'cosine', got '{s.lr_schedule}'")
     if len(s.arch_betas) != 2:
         raise DintsError(source, "'search.arch_betas' must have 2 values")
     if cfg.data.batch_size < 1 or cfg.data.num_samples < 1:

@@ -35,7 +35,7 @@ from dints3d.preflight import (
     remove_stale_temporaries,
 )
 from dints3d.runtime import Runtime, seed_everything
-from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr_factor
+from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
 from dints3d.search.validate import validate_dice
 from dints3d.spaces.dints import DintsSearchSpace, patch_divisor
 
@@ -342,7 +342,7 @@ class SearchRun:
             t0 = time.perf_counter()
             image, label = self._batch(weights_it)
             t1 = time.perf_counter()
-            lr = self.base_lr * weight_lr_factor(t, total, warmup, s.lr_decay_points)
+            lr = weight_lr(t, total, warmup, self.base_lr, s.lr_schedule, s.lr_decay_points, s.lr_min)
             with self._explain_out_of_memory():
                 loss = self.weight_step(image, label, lr)
             if loss is not None:
