@@ -37,7 +37,8 @@ from dints3d.preflight import (
 from dints3d.runtime import Runtime, seed_everything
 from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
 from dints3d.search.validate import validate_dice
-from dints3d.spaces.dints import DintsSearchSpace, patch_divisor
+from dints3d.spaces.base import SearchSpace
+from dints3d.spaces.factory import build_search_space
 
 WEIGHT_STREAM, ARCH_STREAM = 0, 1
 
@@ -53,24 +54,14 @@ class LoopState:
     last_dice: list = dataclasses.field(default_factory=list)
 
 
-def build_space(cfg: Config, plan: dict) -> DintsSearchSpace:
-    s, d = cfg.search, cfg.dints
-    return DintsSearchSpace(
-        in_channels=int(plan["in_channels"]), num_classes=int(plan["out_channels"]),
-        num_blocks=d.num_blocks, num_depths=d.num_depths, channel_mul=d.channel_mul,
-        use_downsample=d.use_downsample, spatial_dims=d.spatial_dims, ram_cost_factor=s.ram_cost_factor,
-        entropy_weight=s.entropy_weight, memory_weight=s.memory_weight, topology_weight=s.topology_weight,
-        checkpoint_cells=s.checkpoint_cells,
-    )
-
-
-def resolve_patch_size(cfg: Config, plan: dict) -> list[int]:
+def resolve_patch_size(cfg: Config, plan: dict, space: SearchSpace) -> list[int]:
     """The config's patch size, else the plan's; every side must be a multiple of the space's divisor."""
     patch = list(cfg.data.patch_size or plan["patch_size"])
-    divisor = patch_divisor(cfg.dints.num_depths, cfg.dints.use_downsample)
-    if len(patch) != cfg.dints.spatial_dims or any(p % divisor or p <= 0 for p in patch):
-        raise DintsError("data.patch_size", f"{patch} must have {cfg.dints.spatial_dims} sides, each a positive "
-                         f"multiple of {divisor} (2^(num_depths + use_downsample))")
+    divisor = space.patch_divisor
+    dims = len(plan["patch_size"])
+    if len(patch) != dims or any(p % divisor or p <= 0 for p in patch):
+        raise DintsError("data.patch_size", f"{patch} must have {dims} sides, each a positive multiple of {divisor} "
+                         f"(what the {cfg.space} space needs)")
     return patch
 
 
@@ -104,13 +95,14 @@ class SearchRun:
             saved = None
 
         self.plan = load_plan(self.work, cfg.plan)
-        self.patch = resolve_patch_size(cfg, self.plan)
+        seed_everything(cfg.seed)
+        self.space = build_search_space(cfg, int(self.plan["in_channels"]), int(self.plan["out_channels"]))
+        self.space.to(runtime.device)
+        runtime.broadcast_parameters(self.space)
+        self.patch = resolve_patch_size(cfg, self.plan, self.space)
         if cfg.data.cache_dir is not None and runtime.is_main:
             cases = len(load_items(self.work, "training"))
             check_free_disk(cfg.data.cache_dir, estimate_cache_bytes(self.plan, cases))
-        seed_everything(cfg.seed)
-        self.space = build_space(cfg, self.plan).to(runtime.device)
-        runtime.broadcast_parameters(self.space)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=True,
                                   batch=True)
         self._make_optimizers()
@@ -287,37 +279,39 @@ class SearchRun:
         arch, info = self.decode(dice)
         if self.rt.is_main:
             arch.save(self.out / "arch_history" / f"arch_{self.state.iteration:07d}.json")
-            from dints3d.viz import dints_figure
-
             t = self.state.iteration
             self.writer.add_scalar("val/mean_dice", mean, t)
             for c, v in enumerate(dice, start=1):
                 self.writer.add_scalar(f"val/dice_{self.plan['class_names'][c]}", v, t)
-            self.writer.add_scalar("arch/active_paths", info["active_paths"], t)
-            self.writer.add_scalar("arch/argmax_connected", float(info["argmax_connected"]), t)
-            self.writer.add_figure("arch/topology", dints_figure(arch), t)
-            if not info["argmax_connected"]:
+            for key, value in info.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"arch/{key}", float(value), t)
+            figure = arch.figure()
+            if figure is not None:
+                self.writer.add_figure("arch/picture", figure, t)
+            if info.get("argmax_connected") is False:
                 tqdm.write(f"iteration {t}: the per-layer argmax topology is disconnected (discretization gap); "
                            "the decoder's connected choice is used")
         return {"mean_dice": mean, **info}
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one step's batch: (patches, channels, *patch)."""
+        return (self.cfg.data.batch_size * self.cfg.data.num_samples, int(self.plan["in_channels"]), *self.patch)
+
     @torch.no_grad()
     def decode(self, dice: list | None = None):
         arch, info = self.space.decode()
-        sizes_shape = (self.cfg.data.batch_size * self.cfg.data.num_samples, int(self.plan["in_channels"]),
-                       *self.patch)
-        info["memory_ratio_soft"] = float(self.space.memory_ratio(sizes_shape))
-        info["memory_ratio"] = float(self.space.discrete_memory_ratio(arch, sizes_shape))
+        facts = self.space.architecture_facts(arch, self.input_shape)
+        info.update(facts)
         arch.provenance = {
             "tool": f"dints3d {__version__}",
             "task": self.plan.get("name"),
             "iteration": self.state.iteration,
             "seed": self.cfg.seed,
             "validation_dice": dice if dice is not None else self.state.last_dice,
-            "estimated_memory_ratio": info["memory_ratio"],
-            "soft_memory_ratio": info["memory_ratio_soft"],
-            "ram_cost_factor": self.cfg.search.ram_cost_factor,
-            "decode": {k: info[k] for k in ("decode_cost", "argmax_connected")},
+            **facts,
+            "decode": {k: v for k, v in info.items() if k not in facts},
             "patch_size": self.patch,
             "config": config_to_dict(self.cfg),
         }
@@ -371,7 +365,7 @@ class SearchRun:
                 if result["mean_dice"] > self.state.best_dice:
                     self.state.best_dice = result["mean_dice"]
                     self.save("best")
-                bar.set_postfix_str(f"val dice {result['mean_dice']:.3f}, paths {result['active_paths']}")
+                bar.set_postfix_str(f"val dice {result['mean_dice']:.3f}")
             if done % s.checkpoint_interval == 0 or done == end:
                 self.save()
         bar.close()
@@ -389,9 +383,8 @@ class SearchRun:
             with contextlib.suppress(Exception):
                 from dints3d.memory import predict_search_step_memory
 
-                shape = (int(self.plan["in_channels"]), *self.patch)
                 predicted = predict_search_step_memory(
-                    self.space.hparams, shape, batch=self.cfg.data.batch_size * self.cfg.data.num_samples,
+                    self.space.hparams, self.input_shape[1:], batch=self.cfg.data.batch_size * self.cfg.data.num_samples,
                     amp=self.cfg.search.amp, num_classes=int(self.plan["out_channels"]),
                     device=self.rt.device.type)["peak"]
             raise DintsError(str(self.rt.device), out_of_memory_advice(predicted, self.patch,
@@ -405,12 +398,11 @@ class SearchRun:
         self.writer.add_scalar("lr/weights", lr, t)
         self.writer.add_scalar("data/wait_fraction", wait_fraction, t)
         self.writer.add_scalar("nonfinite/total", self.state.nonfinite_total, t)
-        with torch.no_grad():
-            shape = (self.cfg.data.batch_size * self.cfg.data.num_samples, int(self.plan["in_channels"]), *self.patch)
-            self.writer.add_scalar("arch/memory_ratio", float(self.space.memory_ratio(shape)), t)
-            from dints3d.search.regularizers import path_probabilities
-
-            self.writer.add_histogram("arch/eta", path_probabilities(self.space.log_alpha_a), t)
+        for key, value in self.space.log_scalars(self.input_shape).items():
+            if value.numel() == 1:
+                self.writer.add_scalar(key, float(value), t)
+            else:
+                self.writer.add_histogram(key, value.detach().float().cpu(), t)
         short = {k.split("/")[-1]: v for k, v in values.items() if k.startswith("loss/")}
         bar.set_postfix({k: f"{v:.3f}" for k, v in short.items()}, refresh=False)
 
@@ -418,10 +410,12 @@ class SearchRun:
         """Decode the final architecture and write ``arch.json`` and ``arch.png``."""
         arch, info = self.decode()
         if self.rt.is_main:
-            from dints3d.viz import draw_architecture
-
             path = arch.save(self.out / "arch.json")
-            draw_architecture(arch, self.out / "arch.png")
+            figure = arch.figure()
+            if figure is not None:
+                from dints3d.viz import save_figure
+
+                save_figure(figure, self.out / "arch.png")
             summary = {"iterations": self.state.iteration, "best_validation_dice": self.state.best_dice,
                        "nonfinite_steps": self.state.nonfinite_total, **info}
             write_json(self.out / "summary.json", summary)

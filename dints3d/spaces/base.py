@@ -47,6 +47,10 @@ class Architecture(abc.ABC):
         """Write ``arch.json`` atomically."""
         return write_json(path, self.to_dict())
 
+    def figure(self, title: str | None = None):
+        """A matplotlib figure of the architecture (``arch.png``), or None if the space draws none."""
+        return None
+
 
 class SearchSpace(nn.Module, abc.ABC):
     """A supernet whose architecture parameters are searched by gradient descent."""
@@ -70,6 +74,17 @@ class SearchSpace(nn.Module, abc.ABC):
     @abc.abstractmethod
     def decode(self) -> tuple[Architecture, dict]:
         """The current discrete architecture and scalar facts about the decoding (for logs)."""
+
+    #: every side of an input patch must be a multiple of this
+    patch_divisor: int = 1
+
+    def log_scalars(self, input_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Space-specific scalars (or 1-D tensors, logged as histograms) for TensorBoard."""
+        return {}
+
+    def architecture_facts(self, arch: Architecture, input_shape: tuple[int, ...]) -> dict[str, float]:
+        """Space-specific facts about a decoded architecture, recorded in its provenance."""
+        return {}
 
 
 #: space name → module defining its Architecture subclass (imported on first use)

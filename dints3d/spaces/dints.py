@@ -177,6 +177,11 @@ class DintsArchitecture(Architecture):
                 raise DintsError(source, f"layer {layer} writes nodes {made_out.tolist()} but node_a[{layer + 1}] is "
                                  f"{self.node_a[layer + 1].tolist()}")
 
+    def figure(self, title: str | None = None):
+        from dints3d.viz import dints_figure
+
+        return dints_figure(self, title)
+
     def build(self, in_channels: int, out_channels: int, channel_mul: float = 1.0, **kwargs: Any) -> nn.Module:
         """MONAI ``DiNTS(TopologyInstance(...))`` for this architecture: BC[spatial] → B·out_channels·[spatial]."""
         with _quiet():
@@ -279,6 +284,7 @@ class DintsSearchSpace(SearchSpace):
         self.register_buffer("ram_cost", torch.as_tensor(self.topology_space.ram_cost, dtype=torch.float32), persistent=False)
         self.register_buffer("patterns", self.topology.patterns.float(), persistent=False)
         self._sizes: dict[tuple[int, ...], torch.Tensor] = {}
+        self.patch_divisor = patch_divisor(num_depths, use_downsample)
 
     @property
     def log_alpha_a(self) -> nn.Parameter:
@@ -344,6 +350,16 @@ class DintsSearchSpace(SearchSpace):
             "memory": self.memory_weight * memory,
             "topology": self.topology_weight * topology,
         }
+
+    @torch.no_grad()
+    def log_scalars(self, input_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        return {"arch/memory_ratio": self.memory_ratio(input_shape), "arch/eta": reg.path_probabilities(self.log_alpha_a)}
+
+    @torch.no_grad()
+    def architecture_facts(self, arch: Architecture, input_shape: tuple[int, ...]) -> dict[str, float]:
+        return {"estimated_memory_ratio": self.discrete_memory_ratio(arch, input_shape),
+                "soft_memory_ratio": float(self.memory_ratio(input_shape)),
+                "ram_cost_factor": self.ram_cost_factor}
 
     @torch.no_grad()
     def decode(self) -> tuple[DintsArchitecture, dict]:
