@@ -100,6 +100,7 @@ class SearchRun:
         self.space.to(runtime.device)
         runtime.broadcast_parameters(self.space)
         self.patch = resolve_patch_size(cfg, self.plan, self.space)
+        self.budget = self._apply_memory_budget()
         if cfg.data.cache_dir is not None and runtime.is_main:
             cases = len(load_items(self.work, "training"))
             check_free_disk(cfg.data.cache_dir, estimate_cache_bytes(self.plan, cases))
@@ -128,6 +129,26 @@ class SearchRun:
         if config_to_dict(now) != config_to_dict(then):
             diff = _first_difference(config_to_dict(then), config_to_dict(now))
             raise DintsError(path, f"was written with a different config ({diff}); resume with the same settings")
+
+    def _apply_memory_budget(self) -> dict | None:
+        """Translate ``search.memory_budget_gb`` into σ for the memory loss (``dints3d/search/budget.py``)."""
+        budget_gb = self.cfg.search.memory_budget_gb
+        if budget_gb is None:
+            return None
+        if self.cfg.space != "dints":
+            raise DintsError("search.memory_budget_gb", f"is only defined for the dints space, not {self.cfg.space}")
+        from dints3d.search.budget import sigma_for_budget
+
+        train = self.cfg.train
+        budget = sigma_for_budget(budget_gb, self.space, int(self.plan["in_channels"]), int(self.plan["out_channels"]),
+                                  self.patch, train.batch_size, train.amp, train.channel_mul,
+                                  device=self.rt.device.type, seed=self.cfg.seed)
+        self.space.ram_cost_factor = budget["sigma"]
+        if self.rt.is_main:
+            write_json(self.out / "budget.json", budget)
+            tqdm.write(f"memory budget {budget_gb:g} GB → ram_cost_factor σ = {budget['sigma']:.3f} "
+                       f"(predicted ≈ {budget['intercept_gb']:.2f} + {budget['slope_gb']:.2f}·r GB)")
+        return budget
 
     def _make_optimizers(self) -> None:
         s, scale = self.cfg.search, (self.rt.world_size if self.cfg.search.scale_lr else 1)
@@ -311,6 +332,7 @@ class SearchRun:
             "seed": self.cfg.seed,
             "validation_dice": dice if dice is not None else self.state.last_dice,
             **facts,
+            **({"memory_budget": self.budget} if self.budget else {}),
             "decode": {k: v for k, v in info.items() if k not in facts},
             "patch_size": self.patch,
             "config": config_to_dict(self.cfg),

@@ -1,0 +1,68 @@
+"""memory_budget_gb: a budget in GB becomes σ, and a tighter budget never yields a larger predicted memory."""
+
+import json
+
+import pytest
+import torch
+
+from dints3d.config import load_config
+from dints3d.data.prepare import prepare
+from dints3d.data.synthetic import make_msd_task
+from dints3d.errors import DintsError
+from dints3d.memory import predict_training_memory
+from dints3d.runtime import init_runtime
+from dints3d.search.budget import sigma_for_budget
+from dints3d.search.loop import SearchRun
+from dints3d.spaces.base import load_architecture
+from dints3d.spaces.dints import DintsSearchSpace
+
+PATCH = [32, 32, 32]
+
+
+@pytest.fixture(scope="module")
+def space():
+    return DintsSearchSpace(1, 3, num_blocks=2, num_depths=3, channel_mul=0.125)
+
+
+def _sigma(space, gb):
+    return sigma_for_budget(gb, space, 1, 3, PATCH, batch=2, amp=False, train_channel_mul=0.25)
+
+
+def test_sigma_grows_with_the_budget_and_is_capped(space):
+    fit = _sigma(space, 100.0)
+    assert fit["sigma"] == 1.0 and fit["slope_gb"] > 0
+    budgets = [fit["intercept_gb"] + fit["slope_gb"] * r for r in (0.3, 0.5, 0.7, 0.9)]
+    sigmas = [_sigma(space, b)["sigma"] for b in budgets]
+    assert sigmas == sorted(sigmas)
+    assert sigmas == pytest.approx([0.3, 0.5, 0.7, 0.9], abs=0.03)  # the model varies ~1% between calls
+
+
+def test_impossible_budget_is_refused_with_the_need(space):
+    with pytest.raises(DintsError, match="too small: even sparse architectures are predicted to need"):
+        _sigma(space, 1e-6)
+
+
+def test_tighter_budget_decodes_to_no_more_predicted_memory(space, tmp_path):
+    task = make_msd_task(tmp_path / "task", cases=6, test_cases=1, size=36, seed=11)
+    prepare(task, tmp_path / "work", folds=3, progress=False)
+    fit = _sigma(space, 100.0)
+    common = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125",
+              f"data.patch_size={PATCH}", "data.num_samples=1", "data.max_cases=1", "search.iterations=12",
+              "search.val_interval=100", "search.val_overlap=0.0", "search.amp=false", "search.warmup_fraction=0",
+              "search.arch_lr=0.2", "search.lr=0.0", "search.memory_weight=20", "search.entropy_weight=0",
+              "train.batch_size=2", "train.amp=false", "train.channel_mul=0.25"]
+    predicted = {}
+    for name, ratio in (("tight", 0.25), ("loose", 0.85)):
+        budget = fit["intercept_gb"] + fit["slope_gb"] * ratio
+        cfg = load_config(None, [*common, f"search.memory_budget_gb={budget}"])
+        run = SearchRun(cfg, tmp_path / "work", tmp_path / name, init_runtime("cpu"))
+        try:
+            path = run.run()
+        finally:
+            run.close()
+        assert json.loads((tmp_path / name / "budget.json").read_text())["sigma"] == pytest.approx(ratio, abs=0.03)
+        arch = load_architecture(path)
+        assert arch.provenance["memory_budget"]["budget_gb"] == pytest.approx(budget)
+        predicted[name] = predict_training_memory(lambda a=arch: a.build(1, 3, channel_mul=0.25), (1, *PATCH),
+                                                  batch=2)["peak"]
+    assert predicted["tight"] <= predicted["loose"], predicted
