@@ -108,7 +108,7 @@ def architecture_from_dict(data: Any, source: str | None = None) -> Architecture
     if not isinstance(data, dict):
         raise DintsError(source, "an architecture must be a JSON object")
     space = data.get("space")
-    if space not in SPACE_MODULES:
+    if not isinstance(space, str) or space not in SPACE_MODULES:
         raise DintsError(source, f"unknown or missing 'space' {space!r}; expected one of {', '.join(SPACE_MODULES)}")
     version = data.get("version")
     if version != ARCH_FORMAT_VERSION:

@@ -1,0 +1,129 @@
+"""Property-based fuzzing of the parsers users feed files to: a random or mutated dataset.json, arch.json or config
+file gives a valid result or a DintsError (one clean line), never another exception."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dints3d.config import load_config
+from dints3d.data.msd import read_task
+from dints3d.data.synthetic import make_msd_task
+from dints3d.errors import DintsError
+from dints3d.spaces.base import architecture_from_dict
+from dints3d.spaces.dints import DintsSearchSpace
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _mutations(document: dict):
+    """Replace, delete or retype one (possibly nested) entry of a valid document."""
+    def paths(node, prefix=()):
+        yield prefix
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from paths(v, (*prefix, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node[:3]):
+                yield from paths(v, (*prefix, i))
+
+    all_paths = [p for p in paths(document) if p]
+
+    @st.composite
+    def mutate(draw):
+        doc = json.loads(json.dumps(document))
+        path = draw(st.sampled_from(all_paths))
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(json_values)
+        return doc
+
+    return mutate()
+
+
+def _must_be_clean(call):
+    try:
+        call()
+    except DintsError as e:
+        line = e.line()
+        assert line and "\n" not in line
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_msd_task(tmp_path_factory.mktemp("fuzz") / "task", cases=3, test_cases=1, size=20)
+
+
+@pytest.fixture(scope="module")
+def arch_document():
+    arch, _ = DintsSearchSpace(1, 2, num_blocks=3, num_depths=3, channel_mul=0.125).decode()
+    return arch.to_dict()
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_dataset_json(task, tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("t")
+    copy = shutil.copytree(task, folder / "task")
+    document = json.loads((task / "dataset.json").read_text())
+    (copy / "dataset.json").write_text(json.dumps(data.draw(_mutations(document))))
+    _must_be_clean(lambda: read_task(copy))
+
+
+@FUZZ
+@given(text=st.text(max_size=200) | st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
+def test_random_dataset_json_text(task, tmp_path_factory, text):
+    folder = tmp_path_factory.mktemp("r")
+    (folder / "dataset.json").write_text(text)
+    _must_be_clean(lambda: read_task(folder))
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_arch_json(arch_document, data):
+    _must_be_clean(lambda: architecture_from_dict(data.draw(_mutations(arch_document)), "arch.json"))
+
+
+@FUZZ
+@given(value=json_values)
+def test_random_arch_json(value):
+    _must_be_clean(lambda: architecture_from_dict(value, "arch.json"))
+
+
+CONFIG = yaml.safe_load("""
+space: dints
+seed: 0
+data: {fold: 0, patch_size: [32, 32, 32], batch_size: 1, cache_rate: 1.0}
+dints: {num_blocks: 4, num_depths: 3, channel_mul: 0.25}
+search: {iterations: 10, warmup_fraction: 0.5, lr: 0.025, arch_betas: [0.5, 0.999], amp: false}
+plan: {patch_size: [32, 32, 32]}
+""")
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_config_file(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("c") / "config.yaml"
+    path.write_text(yaml.safe_dump(data.draw(_mutations(CONFIG))))
+    _must_be_clean(lambda: load_config(path))
+
+
+@FUZZ
+@given(text=st.text(max_size=200), overrides=st.lists(st.text(max_size=30), max_size=3))
+def test_random_config_text_and_overrides(tmp_path_factory, text, overrides):
+    path = tmp_path_factory.mktemp("c") / "config.yaml"
+    path.write_text(text)
+    _must_be_clean(lambda: load_config(path, overrides))
