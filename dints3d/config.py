@@ -226,35 +226,36 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
-def validate(cfg: Config, source: str | None = None) -> Config:
-    """Semantic checks that types alone cannot express."""
-    if cfg.space not in SPACES:
-        raise DintsError(source, f"'space' must be one of {', '.join(SPACES)}, got '{cfg.space}'{_suggest(cfg.space, list(SPACES))}")
-    d, s = cfg.dints, cfg.search
-    if d.num_blocks < 1 or d.num_depths < 1:
-        raise DintsError(source, "'dints.num_blocks' and 'dints.num_depths' must be ≥ 1")
-    if d.spatial_dims not in (2, 3):
-        raise DintsError(source, f"'dints.spatial_dims' must be 2 or 3, got {d.spatial_dims}")
-    if d.channel_mul <= 0 or cfg.train.channel_mul <= 0:
-        raise DintsError(source, "'channel_mul' must be > 0")
-    if not 0 <= s.warmup_fraction <= 1:
-        raise DintsError(source, f"'search.warmup_fraction' must be in [0, 1], got {s.warmup_fraction}")
-    if not 0 < s.ram_cost_factor <= 1:
-        raise DintsError(source, f"'search.ram_cost_factor' must be in (0, 1], got {s.ram_cost_factor}")
+def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] = frozenset()) -> Config:
+    """Semantic checks that types alone cannot express. Errors name ``--set`` for keys in ``overridden``, else
+    ``source`` (the config file)."""
+    d, s, data = cfg.dints, cfg.search, cfg.data
+
+    def check(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            where = "--set" if key in overridden or key.split(".")[0] in overridden else source
+            raise DintsError(where, f"'{key}' {problem}")
+
+    check(cfg.space in SPACES, "space", f"must be one of {', '.join(SPACES)}, got '{cfg.space}'"
+          f"{_suggest(cfg.space, list(SPACES))}")
+    check(d.num_blocks >= 1, "dints.num_blocks", "must be ≥ 1")
+    check(d.num_depths >= 1, "dints.num_depths", "must be ≥ 1")
+    check(d.spatial_dims in (2, 3), "dints.spatial_dims", f"must be 2 or 3, got {d.spatial_dims}")
+    check(d.channel_mul > 0, "dints.channel_mul", "must be > 0")
+    check(cfg.train.channel_mul > 0, "train.channel_mul", "must be > 0")
+    check(0 <= s.warmup_fraction <= 1, "search.warmup_fraction", f"must be in [0, 1], got {s.warmup_fraction}")
+    check(0 < s.ram_cost_factor <= 1, "search.ram_cost_factor", f"must be in (0, 1], got {s.ram_cost_factor}")
     for name in ("iterations", "val_interval", "checkpoint_interval", "max_nonfinite_steps"):
-        if getattr(s, name) < 1:
-            raise DintsError(source, f"'search.{name}' must be ≥ 1")
-    if s.lr_schedule not in ("halving", "cosine"):
-        raise DintsError(source, f"'search.lr_schedule' must be 'halving' or 'cosine', got '{s.lr_schedule}'")
-    if len(s.arch_betas) != 2:
-        raise DintsError(source, "'search.arch_betas' must have 2 values")
-    if cfg.data.batch_size < 1 or cfg.data.num_samples < 1:
-        raise DintsError(source, "'data.batch_size' and 'data.num_samples' must be ≥ 1")
-    if not 0 <= cfg.data.cache_rate <= 1:
-        raise DintsError(source, f"'data.cache_rate' must be in [0, 1], got {cfg.data.cache_rate}")
-    if cfg.data.patch_size is not None:
-        if len(cfg.data.patch_size) != d.spatial_dims or min(cfg.data.patch_size) < 1:
-            raise DintsError(source, f"'data.patch_size' must be {d.spatial_dims} positive integers")
+        check(getattr(s, name) >= 1, f"search.{name}", "must be ≥ 1")
+    check(s.lr_schedule in ("halving", "cosine"), "search.lr_schedule",
+          f"must be 'halving' or 'cosine', got '{s.lr_schedule}'")
+    check(len(s.arch_betas) == 2, "search.arch_betas", "must have 2 values")
+    check(data.batch_size >= 1, "data.batch_size", "must be ≥ 1")
+    check(data.num_samples >= 1, "data.num_samples", "must be ≥ 1")
+    check(0 <= data.cache_rate <= 1, "data.cache_rate", f"must be in [0, 1], got {data.cache_rate}")
+    if data.patch_size is not None:
+        check(len(data.patch_size) in (2, 3) and min(data.patch_size) >= 1, "data.patch_size",
+              "must be 2 or 3 positive integers")
     return cfg
 
 
@@ -268,10 +269,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if data is None:
             data = {}
         cfg = _merge(cfg, data, "", source)
+    overridden = set()
     for text in overrides:
         keys, value = parse_override(text)
         cfg = _merge(cfg, _nest(keys, value), "", "--set")
-    return validate(cfg, source or "--set")
+        overridden.add(".".join(keys))
+    return validate(cfg, source or "--set", frozenset(overridden))
 
 
 def config_to_dict(cfg: Config) -> dict:

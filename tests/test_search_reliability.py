@@ -153,3 +153,24 @@ def test_stale_temporary_files_are_removed(work, tmp_path):
     run = SearchRun(load_config(None, TINY), work, out, init_runtime("cpu"))
     run.close()
     assert not stale.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["device=cuda"], "error: device: 'cuda' requested but no CUDA GPU is available"),
+        (["search.iterations=0"], "error: --set: 'search.iterations' must be ≥ 1"),
+        (["search.lrr=0.1"], "error: --set: unknown key 'search.lrr'; did you mean 'search.lr'?"),
+        (["data.patch_size=[40,32,32]"], "error: data.patch_size: [40, 32, 32] must have 3 sides, each a positive "
+                                         "multiple of 16"),
+    ],
+)
+def test_preflight_errors_are_one_line(work, tmp_path, capsys, overrides, expected):
+    if "cuda" in overrides[0] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = ["search", "--work", str(work), "--out", str(tmp_path / "run")]
+    for o in [*TINY, *overrides]:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err

@@ -1,0 +1,51 @@
+"""Typed configs: YAML + --set overrides, refused keys and types name the key and the nearest valid one."""
+
+import pytest
+
+from dints3d.config import config_from_dict, config_path, config_to_dict, load_config
+from dints3d.errors import DintsError
+
+
+def test_packaged_configs_load_and_round_trip():
+    for name in ("demo", "dints_search"):
+        cfg = load_config(config_path(name))
+        assert config_from_dict(config_to_dict(cfg)) == cfg
+    ref = load_config(config_path("dints_search"))
+    assert (ref.dints.num_blocks, ref.dints.num_depths, ref.dints.channel_mul) == (12, 4, 0.5)
+    assert ref.data.patch_size == [96, 96, 96] and ref.search.ram_cost_factor == 0.8
+
+
+def test_overrides_apply_in_order_with_yaml_values(tmp_path):
+    cfg = load_config(config_path("demo"), ["search.lr=0.1", "data.patch_size=[64, 64, 32]", "search.lr=0.2",
+                                            "data.cache_dir=/tmp/c", "plan.patch_size=[8,8,8]"])
+    assert cfg.search.lr == 0.2 and cfg.data.patch_size == [64, 64, 32] and cfg.data.cache_dir == "/tmp/c"
+    assert cfg.plan == {"patch_size": [8, 8, 8]}
+    assert load_config(None, ["search.lr=1"]).search.lr == 1.0  # ints are accepted for floats
+
+
+@pytest.mark.parametrize(
+    "yaml_text, override, message",
+    [
+        ("search:\n  lrr: 0.1\n", None, "unknown key 'search.lrr'; did you mean 'search.lr'?"),
+        ("serch:\n  lr: 0.1\n", None, "unknown key 'serch'; did you mean 'search'?"),
+        ("search:\n  amp: maybe\n", None, "'search.amp' must be bool, got 'maybe'"),
+        ("data:\n  patch_size: 96\n", None, "'data.patch_size' must be list of int or NoneType, got 96"),
+        ("search: 3\n", None, "'search.' must be a mapping"),
+        ("search: [1\n", None, "invalid YAML"),
+        ("", "dints.num_blocks=two", "'dints.num_blocks' must be int, got 'two'"),
+        ("", "nokey", "expected key=value"),
+        ("", "search.warmup_fraction=2", "'search.warmup_fraction' must be in [0, 1], got 2.0"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_key(tmp_path, yaml_text, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(DintsError) as e:
+        load_config(path, [override] if override else [])
+    assert message in e.value.line()
+    assert e.value.where == ("--set" if override else str(path))
+
+
+def test_unknown_config_name_is_refused():
+    with pytest.raises(DintsError, match="config file not found"):
+        config_path("no_such_config")
