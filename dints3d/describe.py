@@ -1,0 +1,142 @@
+"""``dints3d describe``: what an architecture costs — parameters, multiply-adds per patch, predicted training memory,
+active paths and operations — computed on the ``meta`` device, so a 96³ patch of a 150 M-parameter net is free.
+
+Compute convention: ``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs per multiply-add of convolutions and
+matrix products (norms, activations and interpolation are not counted); we report ``macs = flops / 2`` and both
+numbers. The "≈669 GFLOPs per 96³ patch" quoted for the DiNTS CVPR-2021 network is this FLOP count (334 G MACs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dints3d.errors import DintsError
+from dints3d.memory import DEVICES, meta_network, predict_training_memory
+from dints3d.spaces.base import Architecture, load_architecture
+from dints3d.spaces.dints import DintsArchitecture, operation_names, patch_divisor
+
+
+def count_flops(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs (2 per multiply-add) of one forward pass on a meta tensor of ``input_shape`` = ``B C [spatial]``."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(*input_shape, device="meta"))
+    return int(counter.get_total_flops())
+
+
+def topology_summary(arch: DintsArchitecture) -> dict:
+    """Active paths and how many active paths use each operation."""
+    active = arch.arch_code_a > 0
+    counts = Counter(arch.arch_code_c[active].tolist())
+    names = operation_names(arch.spatial_dims)
+    return {
+        "active_paths": int(active.sum()),
+        "total_paths": int(active.size),
+        "operations": {name: int(counts.get(i, 0)) for i, name in enumerate(names)},
+    }
+
+
+def _check_input_size(arch: Architecture, input_size: Sequence[int]) -> None:
+    if not isinstance(arch, DintsArchitecture):
+        return
+    if len(input_size) != arch.spatial_dims:
+        raise DintsError("--input-size", f"needs {arch.spatial_dims} sides for a {arch.spatial_dims}-D architecture")
+    divisor = patch_divisor(arch.num_depths, arch.use_downsample)
+    if any(s <= 0 or s % divisor for s in input_size):
+        raise DintsError("--input-size", f"every side must be a positive multiple of {divisor}, got {list(input_size)}")
+
+
+def describe(arch: Architecture, input_size: Sequence[int] = (96, 96, 96), in_channels: int = 1, classes: int = 3,
+             channel_mul: float = 1.0, batch: int = 2, amp: bool = True, device: str = "cpu") -> dict:
+    """All facts as one JSON-able dict (bytes, counts). MACs/FLOPs are per single patch (batch 1); memory is for a
+    training step of ``batch`` patches with SGD momentum."""
+    _check_input_size(arch, input_size)
+    model = meta_network(arch, in_channels, classes, channel_mul=channel_mul)
+    flops = count_flops(model, (1, in_channels, *input_size))
+    memory = predict_training_memory(model, (in_channels, *input_size), batch=batch, amp=amp, device=device)
+    facts = {
+        "space": arch.space,
+        "in_channels": in_channels,
+        "classes": classes,
+        "channel_mul": channel_mul,
+        "input_size": list(input_size),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "macs": flops // 2,
+        "flops": flops,
+        "flop_convention": "flops = 2 x multiply-adds of convolutions/matmuls per patch (torch FlopCounterMode)",
+        "memory": {"batch": batch, "amp": amp, "optimizer": "sgd_momentum", "device": device, "bytes": memory},
+    }
+    if isinstance(arch, DintsArchitecture):
+        facts.update(num_blocks=arch.num_blocks, num_depths=arch.num_depths, spatial_dims=arch.spatial_dims,
+                     channel_mul_search=arch.channel_mul_search, **topology_summary(arch))
+    return facts
+
+
+def picture_next_to(path_or_preset: str) -> str | None:
+    """``arch.png`` in the folder of an ``arch.json`` file, if there is one."""
+    path = Path(path_or_preset)
+    picture = path.parent / "arch.png"
+    return os.fspath(picture) if path.is_file() and picture.is_file() else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_text(name: str, facts: dict) -> str:
+    mem = facts["memory"]
+    b = mem["bytes"]
+    size = "x".join(map(str, facts["input_size"]))
+    lines = [f"architecture: {name} ({facts['space']}"
+             + (f", {facts['num_blocks']} blocks x {facts['num_depths']} depths, {facts['spatial_dims']}-D, "
+                f"searched at channel_mul {facts['channel_mul_search']}" if "num_blocks" in facts else "") + ")",
+             f"network:      {facts['in_channels']} -> {facts['classes']} channels, channel_mul {facts['channel_mul']}",
+             f"parameters:   {facts['parameters'] / 1e6:.2f} M ({facts['parameters'] * 4 / 2**20:.1f} MiB fp32)",
+             f"compute:      {facts['macs'] / 1e9:.2f} G multiply-adds = {facts['flops'] / 1e9:.2f} GFLOPs per {size} "
+             "patch (convolutions and matmuls; 1 MAC = 2 FLOPs)",
+             f"memory:       {_gib(b['peak'])} predicted training peak (batch {mem['batch']}, "
+             f"{'AMP' if mem['amp'] else 'fp32'}, SGD momentum, {mem['device']} model): parameters "
+             f"{_gib(b['parameters'])}, gradients {_gib(b['gradients'])}, optimizer {_gib(b['optimizer_state'])}, "
+             f"activations {_gib(b['activations'])}, transient {_gib(b['transient'])}"]
+    if "active_paths" in facts:
+        ops = ", ".join(f"{op} {n}" for op, n in facts["operations"].items())
+        lines += [f"active paths: {facts['active_paths']}/{facts['total_paths']}", f"operations:   {ops}"]
+    if facts.get("picture"):
+        lines.append(f"picture:      {facts['picture']}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("arch", metavar="ARCH_OR_PRESET", help="an arch.json file or a preset name (e.g. dints-cvpr)")
+    parser.add_argument("--input-size", type=int, nargs="+", default=[96, 96, 96], help="patch size (default 96 96 96)")
+    parser.add_argument("--in-channels", type=int, default=1, help="image channels (default 1)")
+    parser.add_argument("--classes", type=int, default=3, help="output classes incl. background (default 3)")
+    parser.add_argument("--channel-mul", type=float, default=1.0, help="channel multiplier of the network (default 1)")
+    parser.add_argument("--batch", type=int, default=2, help="training batch for the memory prediction (default 2)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="mixed precision for the memory prediction (default on)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="memory model: cpu counts CPU fp32 im2col buffers, cuda does not (same under AMP)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    for option, value in (("--in-channels", args.in_channels), ("--classes", args.classes), ("--batch", args.batch)):
+        if value < 1:
+            raise DintsError(option, f"must be at least 1, got {value}")
+    if not args.channel_mul > 0:
+        raise DintsError("--channel-mul", "must be positive")
+    arch = load_architecture(args.arch)
+    facts = describe(arch, args.input_size, args.in_channels, args.classes, args.channel_mul, args.batch, args.amp,
+                     args.device)
+    facts = {"architecture": args.arch, **facts, "picture": picture_next_to(args.arch)}
+    print(json.dumps(facts) if args.json else format_text(args.arch, facts))
+    return 0

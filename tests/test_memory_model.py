@@ -1,0 +1,125 @@
+"""The training-memory model (meta device) behaves like memory does, and matches real saved tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dints3d.memory import (
+    dice_ce_loss,
+    measure_training_memory,
+    meta_network,
+    parameters_on_meta,
+    predict_search_step_memory,
+    predict_training_memory,
+    random_dints_architecture,
+    step_activation_memory,
+)
+from dints3d.spaces.dints import DintsArchitecture
+
+MUL = 0.25  # tiny scale: 4 blocks × 3 depths at channel_mul 0.25
+
+
+@pytest.fixture(scope="module")
+def arch():
+    return random_dints_architecture(4, 3, np.random.default_rng(0))
+
+
+def predict(arch, side: int, batch: int = 1, amp: bool = False, **kwargs) -> dict:
+    return predict_training_memory(meta_network(arch, 1, 3, channel_mul=MUL), (1, side, side, side), batch, amp,
+                                   **kwargs)
+
+
+def test_random_architectures_are_connected_and_seeded():
+    for seed in range(8):
+        a = random_dints_architecture(5, 3, np.random.default_rng(seed))
+        a.check()  # raises unless every layer reads exactly what the previous one wrote
+        assert a.arch_code_c[a.arch_code_a == 0].max(initial=0) == 0
+    first, again = (random_dints_architecture(5, 4, np.random.default_rng(7)) for _ in range(2))
+    assert np.array_equal(first.arch_code_a, again.arch_code_a) and np.array_equal(first.node_a, again.node_a)
+
+
+def test_parameters_on_meta_allocates_nothing_and_restores(arch):
+    model = meta_network(arch, 1, 3, channel_mul=MUL)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch is gone afterwards
+    with parameters_on_meta():
+        assert torch.nn.Conv3d(1, 1, 3).weight.device.type == "meta"
+
+
+def test_monotone_in_patch_size_and_batch(arch):
+    small, large, double = predict(arch, 32), predict(arch, 48), predict(arch, 32, batch=2)
+    for key in ("activations", "transient", "peak"):
+        assert large[key] > small[key]
+    assert double["activations"] > 1.9 * small["activations"] and double["peak"] > small["peak"]
+    assert small["parameters"] == large["parameters"] == small["gradients"] == small["optimizer_state"]
+    assert small["peak"] == sum(v for k, v in small.items() if k != "peak")
+
+
+def test_amp_halves_activations_and_drops_im2col(arch):
+    fp32, amp = predict(arch, 48), predict(arch, 48, amp=True)
+    assert 0.45 < amp["activations"] / fp32["activations"] < 0.7  # half-size tensors plus bf16 weight copies
+    assert amp["transient"] < fp32["transient"] and amp["parameters"] == fp32["parameters"]
+    cuda = predict(arch, 48, device="cuda")
+    assert cuda["transient"] < fp32["transient"] and cuda["activations"] == fp32["activations"]
+
+
+def test_more_active_paths_need_more_memory():
+    depth0_only = np.zeros((4, 7), dtype=np.int64)
+    depth0_only[:, 0] = 1
+    node_a = np.zeros((5, 3), dtype=np.int64)
+    node_a[:, 0] = 1
+    sparse = DintsArchitecture(node_a, depth0_only, depth0_only.copy())
+    dense = DintsArchitecture(np.ones((5, 3), np.int64), np.ones((4, 7), np.int64), np.ones((4, 7), np.int64))
+    sparse.check(), dense.check()
+    assert predict(dense, 32)["activations"] > 1.5 * predict(sparse, 32)["activations"]
+    assert predict(dense, 32)["peak"] > predict(sparse, 32)["peak"]
+
+
+def test_optimizer_state():
+    arch = random_dints_architecture(2, 2, np.random.default_rng(1))
+    adam, sgd = predict(arch, 16, optimizer="adam"), predict(arch, 16, optimizer="sgd")
+    assert adam["optimizer_state"] == 2 * adam["gradients"] and sgd["optimizer_state"] == 0
+    with pytest.raises(ValueError, match="optimizer"):
+        predict(arch, 16, optimizer="lion")
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_meta_activations_match_real_saved_tensors(amp):
+    """The meta run (with autocast emulated) saves what a real CPU step saves (bf16 autocast for AMP)."""
+    arch = random_dints_architecture(3, 3, np.random.default_rng(0))
+    model = arch.build(1, 3, channel_mul=MUL)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in params:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    x, y = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 3, (2, 1, 32, 32, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            dice_ce_loss()(model(x), y)
+    predicted = step_activation_memory(model, (1, 32, 32, 32), batch=2, amp=amp)["activations"]
+    assert predicted == pytest.approx(sum(saved.values()), rel=0.03)
+
+
+def test_search_step_memory():
+    hp = dict(num_blocks=2, num_depths=3, channel_mul=MUL)
+    small, large = (predict_search_step_memory(hp, (1, s, s, s), num_classes=3) for s in (16, 32))
+    assert small["peak"] == max(small["weight_step_peak"], small["arch_step_peak"])
+    assert large["peak"] > small["peak"] and large["activations"] > small["activations"]
+    amp = predict_search_step_memory(hp, (1, 32, 32, 32), amp=True, num_classes=3)
+    assert amp["activations"] < large["activations"]
+    with pytest.raises(ValueError, match="checkpoint_cells"):
+        predict_search_step_memory({**hp, "checkpoint_cells": True}, (1, 16, 16, 16))
+
+
+@pytest.mark.slow
+def test_predicted_peak_within_20_percent_of_measured(arch):
+    """One real CPU measurement (fresh subprocess): peak RSS increase of two SGD steps vs the prediction."""
+    predicted = predict(arch, 32)
+    measured = measure_training_memory(arch, 1, 3, (1, 32, 32, 32), channel_mul=MUL)
+    assert predicted["peak"] - predicted["parameters"] == pytest.approx(measured, rel=0.2)
