@@ -1,0 +1,355 @@
+"""``dints3d export``: a searched architecture + a prepared task → a self-contained MONAI bundle.
+
+The bundle is the template ``bundles/dints_msd`` with its task settings filled in: every YAML config starts with a
+block of top-level keys (channels, classes, patch, spacing, orientation, normalization as a MONAI transform, training
+settings, paths) that this module overwrites with the plan's and the config's values, keeping the template's
+comments. ``metadata.json`` and ``docs/README.md`` are filled the same way, the architecture goes to
+``models/arch.json`` and its picture to ``docs/arch.png``. The bundle is assembled in a temporary sibling folder and
+renamed into place, so ``BUNDLE`` is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+import yaml
+from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
+
+import dints3d
+from dints3d.config import Config, config_path, config_to_dict, load_config
+from dints3d.data.dataset import load_plan
+from dints3d.data.transforms import normalization_transform
+from dints3d.errors import DintsError
+from dints3d.io import read_json, write_json, write_text
+from dints3d.spaces.base import load_architecture
+from dints3d.spaces.dints import DintsArchitecture, operation_names, patch_divisor
+
+TEMPLATE = "dints_msd"
+#: configs with a task-settings block (the others are overrides of train.yaml)
+FILLED_CONFIGS = ("inference.yaml", "train.yaml", "search.yaml")
+COPIED_FILES = ("configs/evaluate.yaml", "configs/multi_gpu_train.yaml", "configs/logging.conf", "LICENSE",
+                "models/README.md")
+#: what inference and training need besides MONAI, PyTorch and NumPy (metadata ``required_packages_version``)
+REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite", "fire", "tensorboard")
+MONAI_ONLY = ("Training, evaluation and inference need MONAI only (no dints3d); configs/search.yaml, which re-runs "
+              "the architecture search, needs dints3d.")
+
+def template_dir() -> Path:
+    """The template bundle: packaged as ``dints3d/bundles`` or, in a source checkout, the top-level ``bundles/``."""
+    for root in (Path(dints3d.__file__).parent / "bundles", Path(dints3d.__file__).parent.parent / "bundles"):
+        if (root / TEMPLATE / "configs" / "metadata.json").exists():
+            return root / TEMPLATE
+    raise DintsError(TEMPLATE, "template bundle not found in the dints3d installation")
+
+
+def normalization_config(plan: dict) -> dict:
+    """The plan's normalization (:func:`~dints3d.data.transforms.normalization_transform`) as a bundle config item."""
+    transform = normalization_transform(plan)
+    if isinstance(transform, ScaleIntensityRanged):
+        s = transform.scaler
+        return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": float(s.a_min), "a_max": float(s.a_max),
+                "b_min": float(s.b_min), "b_max": float(s.b_max), "clip": bool(s.clip)}
+    if isinstance(transform, NormalizeIntensityd):
+        n = transform.normalizer
+        return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": bool(n.nonzero),
+                "channel_wise": bool(n.channel_wise)}
+    raise DintsError("plan.json", f"no bundle form for the normalization {type(transform).__name__}")
+
+
+def fill_yaml(text: str, values: dict[str, Any], source: str) -> str:
+    """Replace the value of each top-level key of ``values`` in the YAML ``text`` (the key's line and its indented
+    continuation lines), keeping everything else (comments included). Every key must occur exactly once."""
+    lines = text.splitlines()
+    for key, value in values.items():
+        starts = [i for i, line in enumerate(lines) if re.match(rf"{re.escape(key)}:(\s|$)", line)]
+        if len(starts) != 1:
+            raise DintsError(source, f"template must define top-level '{key}' exactly once, found {len(starts)}")
+        start = end = starts[0]
+        while end + 1 < len(lines) and lines[end + 1][:1] == " " and lines[end + 1].strip():
+            end += 1
+        dumped = yaml.safe_dump({key: value}, default_flow_style=None, sort_keys=False, width=2**31 - 1,
+                                allow_unicode=True).rstrip("\n")
+        if dumped.startswith("{"):  # a scalar or a flat list is dumped as a one-line flow mapping {key: value}
+            dumped = dumped[1:-1]
+        lines[start:end + 1] = dumped.splitlines()
+    filled = "\n".join(lines) + "\n"
+    loaded = yaml.safe_load(filled)
+    for key, value in values.items():
+        if loaded.get(key) != value:
+            raise DintsError(source, f"filling '{key}' did not round-trip: {loaded.get(key)!r} != {value!r}")
+    return filled
+
+
+def fill_text(text: str, values: dict[str, str], source: str) -> str:
+    """Replace ``{{name}}`` placeholders; all must be known and all must be used."""
+    for name, value in values.items():
+        if "{{" + name + "}}" not in text:
+            raise DintsError(source, f"template has no placeholder {{{{{name}}}}}")
+        text = text.replace("{{" + name + "}}", value)
+    left = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)))
+    if left:
+        raise DintsError(source, f"placeholders left unfilled: {', '.join(left)}")
+    return text
+
+
+def resolve_patch(arch: DintsArchitecture, plan: dict, cfg: Config) -> list[int]:
+    """The config's patch (else the plan's); each side must be a multiple of the architecture's divisor."""
+    patch = [int(p) for p in (cfg.data.patch_size or plan["patch_size"])]
+    divisor = patch_divisor(arch.num_depths, arch.use_downsample)
+    if len(patch) != 3 or any(p <= 0 or p % divisor for p in patch):
+        raise DintsError("data.patch_size", f"{patch} must be 3 positive multiples of {divisor} for this "
+                         f"architecture ({arch.num_depths} depths); set it with --set data.patch_size=[..]")
+    return patch
+
+
+def _in_plane_axes(plan: dict, patch: list[int]) -> list[int] | None:
+    """Axes for random 90° rotations (as dints3d's training transforms): the two non-anisotropic axes, if square."""
+    axes = [a for a in range(3) if a != plan.get("anisotropic_axis")][:2]
+    return axes if patch[axes[0]] == patch[axes[1]] else None
+
+
+def task_settings(arch: DintsArchitecture, plan: dict, cfg: Config, bundle_root: Path, work: Path,
+                  task_dir: Path) -> dict[str, dict[str, Any]]:
+    """Config file → the values of its task-settings block."""
+    patch = resolve_patch(arch, plan, cfg)
+    t = cfg.train
+    common = {
+        "bundle_root": str(bundle_root),
+        "in_channels": int(plan["in_channels"]),
+        "out_channels": int(plan["out_channels"]),
+        "patch_size": patch,
+        "target_spacing": [float(s) for s in plan["target_spacing"]],
+        "orientation": str(plan.get("orientation", "RAS")),
+        "normalization": normalization_config(plan),
+        "channel_mul": float(t.channel_mul),
+        "amp": bool(t.amp),
+        "num_workers": int(cfg.data.num_workers),
+    }
+    train = {
+        **common,
+        "work_dir": str(work),
+        "dataset_dir": str(task_dir),
+        "fold": int(cfg.data.fold),
+        "rotate90_axes": _in_plane_axes(plan, patch),
+        "num_iterations": int(t.iterations),
+        "val_interval": int(t.val_interval),
+        "learning_rate": float(t.lr),
+        "momentum": float(t.momentum),
+        "weight_decay": float(t.weight_decay),
+        "lr_decay_points": [float(p) for p in t.lr_decay_points],
+        "batch_size": int(t.batch_size),
+        "num_samples": int(cfg.data.num_samples),
+        "cache_rate": float(cfg.data.cache_rate),
+        "seed": int(cfg.seed),
+    }
+    return {
+        "inference.yaml": {**common, "dataset_dir": str(task_dir / "imagesTs")},
+        "train.yaml": train,
+        "search.yaml": {"bundle_root": str(bundle_root), "work_dir": str(work), "search_settings": config_to_dict(cfg)},
+    }
+
+
+def _versions() -> dict[str, Any]:
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {name: version(name) for name in REQUIRED_PACKAGES},
+        "search_packages_version": {"dints3d": dints3d.__version__},
+    }
+
+
+def _input_format(plan: dict, patch: list[int]) -> dict[str, Any]:
+    """``network_data_format.inputs.image``: the normalized patch the network sees."""
+    modalities = list(plan["modalities"])
+    ct = modalities == ["CT"]
+    norm = normalization_config(plan)
+    return {
+        "type": "image",
+        "format": "hounsfield" if ct else "magnitude",
+        "modality": "CT" if ct else "MR",
+        "num_channels": int(plan["in_channels"]),
+        "spatial_shape": patch,
+        "dtype": "float32",
+        "value_range": [norm["b_min"], norm["b_max"]] if norm["_target_"] == "ScaleIntensityRanged" else [],
+        "is_patch_data": True,
+        "channel_def": {str(i): m for i, m in enumerate(modalities)},
+    }
+
+
+def metadata(template: dict, arch: DintsArchitecture, plan: dict, patch: list[int], arch_source: str) -> dict:
+    """``configs/metadata.json``: the template's text fields, this environment's versions, the plan's data format."""
+    image = _input_format(plan, patch)
+    names = [str(n) for n in plan["class_names"]]
+    pred = {**image, "format": "segmentation", "num_channels": len(names), "value_range": [],
+            "channel_def": {str(i): n for i, n in enumerate(names)}}  # logits, one channel per class
+    classes = ", ".join(f"{i} {n}" for i, n in enumerate(names))
+    modality = "/".join(plan["modalities"])
+    description = (f"DiNTS network ({arch.num_blocks} blocks × {arch.num_depths} resolutions, "
+                   f"{arch.num_active_paths} active paths) segmenting {', '.join(names[1:])} in {modality} images "
+                   f"of {plan['name']}; architecture from {arch_source}. {MONAI_ONLY}")
+    return {
+        **template,
+        **_versions(),
+        "changelog": {template["version"]: f"exported by dints3d {dints3d.__version__} from {arch_source}"},
+        "name": f"DiNTS {plan['name']}",
+        "task": f"Segmentation of {', '.join(names[1:])} in {modality} ({plan['name']})",
+        "description": description,
+        "data_source": f"{plan['name']} (MSD-format task)",
+        "image_classes": f"{len(plan['modalities'])} channel(s) ({modality}), resampled to "
+                         f"{' × '.join(f'{s:.4g}' for s in plan['target_spacing'])} mm, normalized by "
+                         f"{normalization_config(plan)['_target_']}",
+        "label_classes": classes,
+        "pred_classes": classes,
+        "network_data_format": {"inputs": {"image": image}, "outputs": {"pred": pred}},
+    }
+
+
+def _bullets(items: dict[str, Any]) -> str:
+    return "\n".join(f"- {k}: {v}" for k, v in items.items())
+
+
+def _parameter_count(arch: DintsArchitecture, plan: dict, channel_mul: float) -> int:
+    with torch.device("meta"):
+        net = arch.build(int(plan["in_channels"]), int(plan["out_channels"]), channel_mul=channel_mul)
+    return sum(p.numel() for p in net.parameters())
+
+
+def readme_values(arch: DintsArchitecture, plan: dict, settings: dict, meta: dict, bundle: Path,
+                  arch_source: str) -> dict[str, str]:
+    """Values of the ``{{placeholders}}`` of ``docs/README.md``."""
+    ops = operation_names(arch.spatial_dims)
+    active = arch.arch_code_a > 0
+    counts = {ops[k]: int((arch.arch_code_c[active] == k).sum()) for k in range(len(ops))}
+    train = settings["train.yaml"]
+    architecture = _bullets({
+        "grid": f"{arch.num_blocks} blocks × {arch.num_depths} resolutions (downsampled stem: {arch.use_downsample})",
+        "active paths": f"{arch.num_active_paths} of {arch.arch_code_a.size}",
+        "operations": ", ".join(f"{name} {n}" for name, n in counts.items() if n),
+        "parameters": f"{_parameter_count(arch, plan, train['channel_mul']) / 1e6:.2f} M at channel_mul "
+                      f"{train['channel_mul']} (searched at {arch.channel_mul_search})",
+    })
+    prov = dict(arch.provenance)
+    provenance = _bullets({
+        "source": f"`{arch_source}`",
+        **{key: prov[key] for key in ("tool", "task", "iteration", "seed", "validation_dice",
+                                      "estimated_memory_ratio", "ram_cost_factor", "patch_size") if key in prov},
+        "search settings": "`configs/search.yaml` (`search_settings`)",
+    }) if prov else f"- source: `{arch_source}` (no search provenance recorded)"
+    norm = settings["inference.yaml"]["normalization"]
+    data = _bullets({
+        "task": f"{plan['name']} ({settings['train.yaml']['dataset_dir']})",
+        "classes": meta["label_classes"],
+        "channels": ", ".join(plan["modalities"]),
+        "orientation": plan.get("orientation", "RAS"),
+        "target spacing": " × ".join(f"{s:.4g}" for s in plan["target_spacing"]) + " mm",
+        "patch": " × ".join(map(str, train["patch_size"])),
+        "normalization": ", ".join(f"{k}={v}" for k, v in norm.items() if k != "keys"),
+        "prepared folder": f"`{train['work_dir']}` (datalist fold {train['fold']})",
+    })
+    training = _bullets({key: train[key] for key in ("channel_mul", "num_iterations", "val_interval",
+                                                     "learning_rate", "momentum", "weight_decay", "lr_decay_points",
+                                                     "batch_size", "num_samples", "amp")})
+    return {"title": meta["name"], "description": meta["description"], "architecture": architecture,
+            "provenance": provenance, "data": data, "training": training, "bundle": str(bundle)}
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DintsError(out, "exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DintsError(out, "exists and is not empty; choose another --out or pass --force to replace it")
+
+
+def _swap_into_place(built: Path, out: Path) -> None:
+    """Rename the finished bundle to ``out``, replacing (and then deleting) what was there."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(built, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def export_bundle(arch_source: str | os.PathLike, work: str | os.PathLike, out: str | os.PathLike,
+                  cfg: Config | None = None, force: bool = False) -> Path:
+    """Write the bundle for ``arch_source`` (an ``arch.json`` path or a preset name) and the task prepared in
+    ``work`` to ``out``; train settings come from ``cfg.train`` (and ``cfg.data``). Returns ``out``."""
+    from dints3d.viz import draw_architecture
+
+    cfg = cfg or Config()
+    out, work = Path(out).absolute(), Path(work).absolute()
+    _check_target(out, force)
+    arch = load_architecture(arch_source)
+    if not isinstance(arch, DintsArchitecture) or arch.spatial_dims != 3:
+        raise DintsError(arch_source, "the MONAI bundle template holds 3D DiNTS architectures only")
+    plan = load_plan(work, cfg.plan)
+    task_dir = Path(plan["task_dir"])
+    template = template_dir()
+    source = str(Path(arch_source).resolve()) if Path(arch_source).exists() else os.fspath(arch_source)
+    settings = task_settings(arch, plan, cfg, out, work, task_dir)
+    meta = metadata(read_json(template / "configs" / "metadata.json"), arch, plan,
+                    settings["train.yaml"]["patch_size"], source)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        for name in FILLED_CONFIGS:
+            text = (template / "configs" / name).read_text()
+            write_text(build / "configs" / name, fill_yaml(text, settings[name], f"{template}/configs/{name}"))
+        for name in COPIED_FILES:
+            (build / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(template / name, build / name)
+        write_json(build / "configs" / "metadata.json", meta)
+        arch.save(build / "models" / "arch.json")
+        draw_architecture(arch, build / "docs" / "arch.png")
+        readme = fill_text((template / "docs" / "README.md").read_text(),
+                           readme_values(arch, plan, settings, meta, out, source), f"{template}/docs/README.md")
+        write_text(build / "docs" / "README.md", readme)
+        _swap_into_place(build, out)
+    finally:
+        if build.exists():
+            shutil.rmtree(build)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="arch.json of a search run, or a preset name")
+    parser.add_argument("--work", required=True, help="folder written by `dints3d prepare` (plan.json, datalist.json)")
+    parser.add_argument("--out", required=True, help="bundle folder to create")
+    parser.add_argument("--config", default="dints_search",
+                        help="config whose train: and data: sections set the training (default: dints_search)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. train.iterations=2000 or data.patch_size=[64,64,64]")
+    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(config_path(args.config), args.overrides)
+    out = export_bundle(args.arch, args.work, args.out, cfg, force=args.force)
+    meta = read_json(out / "configs" / "metadata.json")
+    image = meta["network_data_format"]["inputs"]["image"]
+    print(f"wrote bundle {out}: {meta['task']}; patch {image['spatial_shape']}, "
+          f"{image['num_channels']} channel(s) → {meta['network_data_format']['outputs']['pred']['num_channels']} "
+          "classes")
+    print(f"train:  dints3d train {out}   (or python -m monai.bundle run --config_file {out}/configs/train.yaml)")
+    print(f"infer:  dints3d infer {out} --input IMAGES --out PREDICTIONS")
+    print(f"docs:   {out / 'docs' / 'README.md'}")
+    return 0

@@ -1,0 +1,150 @@
+"""``dints3d export``: a tiny decoded architecture + a tiny synthetic task → a MONAI bundle whose configs parse,
+carry the plan's values and preprocess exactly like dints3d. Other bundle tests build their bundle with
+:func:`make_bundle` from here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from dints3d.bundle import export_bundle
+from dints3d.cli import main
+from dints3d.config import config_path, load_config
+from dints3d.data.prepare import prepare
+from dints3d.data.synthetic import make_msd_task
+from dints3d.data.transforms import inference_transforms
+from dints3d.errors import DintsError
+from dints3d.io import read_json
+from dints3d.spaces.base import load_architecture
+from dints3d.spaces.dints import DintsArchitecture, DintsSearchSpace
+
+#: config overrides for bundles that train in seconds on CPU
+TINY = ["train.channel_mul=0.25", "train.iterations=2", "train.val_interval=1", "train.batch_size=1",
+        "data.num_samples=1", "data.num_workers=0"]
+MANDATORY_META = ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
+                  "description", "authors", "copyright", "network_data_format")
+TENSOR_FORMAT = ("type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
+                 "is_patch_data", "channel_def")
+INFERENCE_IDS = ("bundle_root", "device", "network_def", "inferer", "output_dir")
+TRAIN_IDS = ("bundle_root", "device", "dataset_dir", "train#trainer", "train#trainer#max_epochs", "train#dataset",
+             "train#handlers", "validate#evaluator", "validate#handlers", "validate#dataset", "val_interval")
+
+
+def tiny_arch() -> DintsArchitecture:
+    """A decoded 3-block, 3-resolution DiNTS space (seeded, no search)."""
+    torch.manual_seed(0)
+    arch, _ = DintsSearchSpace(1, 3, num_blocks=3, num_depths=3, channel_mul=0.25).decode()
+    return arch
+
+
+def make_bundle(root: Path, overrides: list[str] = TINY) -> Path:
+    """Synthetic CT task (LPS affine, shapes not multiples of 32) → prepare → export ``root/bundle``."""
+    make_msd_task(root / "task", cases=4, test_cases=2, size=24, seed=3)
+    cfg = load_config(config_path("demo"), overrides)
+    prepare(root / "task", root / "work", folds=2, config=cfg, progress=False)
+    return export_bundle(tiny_arch().save(root / "arch.json"), root / "work", root / "bundle", cfg)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("export"))
+
+
+def parse(bundle: Path, *names: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / name) for name in names])
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.parse()
+    return parser
+
+
+def test_metadata_has_every_mandatory_key(bundle):
+    meta = read_json(bundle / "configs" / "metadata.json")
+    assert all(key in meta for key in MANDATORY_META)
+    assert set(meta["required_packages_version"]) >= {"nibabel", "pytorch-ignite"}
+    assert "dints3d" not in meta["required_packages_version"] and "MONAI only" in meta["description"]
+    image = meta["network_data_format"]["inputs"]["image"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert all(key in image and key in pred for key in TENSOR_FORMAT)
+    assert (image["num_channels"], image["spatial_shape"], image["modality"]) == (1, [32, 32, 32], "CT")
+    assert image["is_patch_data"] is True and len(image["value_range"]) == 2
+    assert pred["num_channels"] == 3 and pred["channel_def"] == {"0": "background", "1": "organ", "2": "lesion"}
+
+
+def test_configs_parse_and_carry_the_plan(bundle):
+    plan = read_json(bundle.parent / "work" / "plan.json")
+    inference = parse(bundle, "inference.yaml")
+    assert all(i in inference for i in INFERENCE_IDS)
+    assert inference["bundle_root"] == str(bundle)
+    assert inference["target_spacing"] == plan["target_spacing"]
+    assert (inference["in_channels"], inference["out_channels"], inference["channel_mul"]) == (1, 3, 0.25)
+    train = parse(bundle, "train.yaml")
+    assert all(i in train for i in TRAIN_IDS)
+    assert (train["num_iterations"], train["val_interval"], train["learning_rate"]) == (2, 1, 0.025)
+    assert train["lr_decay_points"] == [0.2, 0.4, 0.6, 0.8] and train["dataset_dir"] == plan["task_dir"]
+    assert train["work_dir"] == str(bundle.parent / "work")
+    for overlay in ("evaluate.yaml", "multi_gpu_train.yaml"):
+        merged = parse(bundle, "train.yaml", overlay)
+        assert "validate#evaluator" in merged and merged["num_iterations"] == 2
+    search = parse(bundle, "search.yaml")
+    assert search["search_settings"]["dints"]["num_depths"] == 3 and search["work_dir"] == train["work_dir"]
+
+
+def test_network_is_the_architecture(bundle):
+    """The config's TopologyInstance + DiNTS (built from models/arch.json by `$` expressions) equals
+    DintsArchitecture.build: same parameters, same output for the same weights."""
+    arch = load_architecture(bundle / "models" / "arch.json")
+    assert arch.to_dict() == tiny_arch().to_dict()
+    net = parse(bundle, "inference.yaml").get_parsed_content("network_def").eval()
+    reference = arch.build(1, 3, channel_mul=0.25).eval()
+    reference.load_state_dict(net.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), reference(x))
+
+
+def test_bundle_preprocessing_equals_dints3d(bundle):
+    """The bundle's MONAI-native chain (orientation, spacing, normalization) gives dints3d's tensors."""
+    plan = read_json(bundle.parent / "work" / "plan.json")
+    image = sorted((bundle.parent / "task" / "imagesTs").glob("*.nii.gz"))[0]
+    ours = parse(bundle, "inference.yaml").get_parsed_content("preprocessing")({"image": str(image)})["image"]
+    theirs = inference_transforms(plan)({"image": str(image)})["image"]
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs)
+    assert np.allclose(ours.affine, theirs.affine)
+
+
+def test_docs_license_and_picture(bundle):
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "{{" not in readme and "![searched topology](arch.png)" in readme
+    assert f"--config_file {bundle}/configs/train.yaml" in readme and "Trust" in readme
+    assert (bundle / "docs" / "arch.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Apache License" in (bundle / "LICENSE").read_text()
+
+
+def test_refuses_a_non_empty_folder_unless_forced(bundle, tmp_path):
+    work = bundle.parent / "work"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(DintsError, match="not empty"):
+        export_bundle(bundle / "models" / "arch.json", work, tmp_path / "out")
+    cfg = load_config(config_path("demo"), TINY)
+    export_bundle(bundle / "models" / "arch.json", work, tmp_path / "out", cfg, force=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "configs" / "metadata.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
+
+
+def test_cli_export_and_bad_patch(bundle, tmp_path, capsys):
+    arch, work = str(bundle / "models" / "arch.json"), str(bundle.parent / "work")
+    args = ["export", "--arch", arch, "--work", work, "--config", "demo"]
+    assert main(args + ["--out", str(tmp_path / "b1")]) == 0
+    meta = json.loads((tmp_path / "b1" / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32, 32]
+    assert main(args + ["--out", str(tmp_path / "b2"), "--set", "data.patch_size=[40,40,40]"]) == 2
+    assert "error: data.patch_size: [40, 40, 40] must be 3 positive multiples of 16" in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()
