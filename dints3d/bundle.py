@@ -37,12 +37,14 @@ from dints3d.spaces.dints import DintsArchitecture, operation_names, patch_divis
 TEMPLATE = "dints_msd"
 #: configs with a task-settings block (the others are overrides of train.yaml)
 FILLED_CONFIGS = ("inference.yaml", "train.yaml", "search.yaml")
-COPIED_FILES = ("configs/evaluate.yaml", "configs/multi_gpu_train.yaml", "configs/logging.conf", "LICENSE",
-                "models/README.md")
-#: what inference and training need besides MONAI, PyTorch and NumPy (metadata ``required_packages_version``)
+COPIED_FILES = ("configs/evaluate.yaml", "configs/multi_gpu_train.yaml", "configs/multi_gpu_inference.yaml",
+                "configs/logging.conf", "LICENSE", "models/README.md")
+#: what inference needs besides MONAI, PyTorch and NumPy (metadata ``required_packages_version``); training and
+#: search also need dints3d (``train_and_search_packages_version``)
 REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite", "fire", "tensorboard")
-MONAI_ONLY = ("Training, evaluation and inference need MONAI only (no dints3d); configs/search.yaml, which re-runs "
-              "the architecture search, needs dints3d.")
+MONAI_ONLY = ("Inference and evaluation need MONAI only (no dints3d). Training (configs/train.yaml) uses dints3d's "
+              "handlers for atomic checkpoints, exact resume and skipping non-finite steps, and configs/search.yaml "
+              "re-runs the architecture search with dints3d: both need dints3d installed.")
 
 def template_dir() -> Path:
     """The template bundle: packaged as ``dints3d/bundles`` or, in a source checkout, the top-level ``bundles/``."""
@@ -103,12 +105,14 @@ def fill_text(text: str, values: dict[str, str], source: str) -> str:
 
 
 def resolve_patch(arch: DintsArchitecture, plan: dict, cfg: Config) -> list[int]:
-    """The config's patch (else the plan's); each side must be a multiple of the architecture's divisor."""
-    patch = [int(p) for p in (cfg.data.patch_size or plan["patch_size"])]
+    """The config's retraining patch (``train.patch_size``, else ``data.patch_size``, else the plan's); each side must
+    be a multiple of the architecture's divisor."""
+    key = "train.patch_size" if cfg.train.patch_size else "data.patch_size"
+    patch = [int(p) for p in (cfg.train.patch_size or cfg.data.patch_size or plan["patch_size"])]
     divisor = patch_divisor(arch.num_depths, arch.use_downsample)
     if len(patch) != 3 or any(p <= 0 or p % divisor for p in patch):
-        raise DintsError("data.patch_size", f"{patch} must be 3 positive multiples of {divisor} for this "
-                         f"architecture ({arch.num_depths} depths); set it with --set data.patch_size=[..]")
+        raise DintsError(key, f"{patch} must be 3 positive multiples of {divisor} for this "
+                         f"architecture ({arch.num_depths} depths); set it with --set {key}=[..]")
     return patch
 
 
@@ -171,7 +175,7 @@ def _versions() -> dict[str, Any]:
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {name: version(name) for name in REQUIRED_PACKAGES},
-        "search_packages_version": {"dints3d": dints3d.__version__},
+        "train_and_search_packages_version": {"dints3d": dints3d.__version__},
     }
 
 
@@ -298,9 +302,14 @@ def export_bundle(arch_source: str | os.PathLike, work: str | os.PathLike, out: 
     out, work = Path(out).absolute(), Path(work).absolute()
     _check_target(out, force)
     arch = load_architecture(arch_source)
-    if not isinstance(arch, DintsArchitecture) or arch.spatial_dims != 3:
-        raise DintsError(arch_source, "the MONAI bundle template holds 3D DiNTS architectures only")
     plan = load_plan(work, cfg.plan)
+    if plan.get("format") == "cityscapes":  # the Auto-DeepLab template (bundles/autodeeplab_cityscapes)
+        from dints3d.bundle_cityscapes import export_cityscapes_bundle
+
+        return export_cityscapes_bundle(arch, arch_source, plan, work, out, cfg)
+    if not isinstance(arch, DintsArchitecture) or arch.spatial_dims != 3:
+        raise DintsError(arch_source, "the MSD bundle template holds 3D DiNTS architectures only (2D architectures "
+                         "export with a Cityscapes-format task)")
     task_dir = Path(plan["task_dir"])
     template = template_dir()
     source = str(Path(arch_source).resolve()) if Path(arch_source).exists() else os.fspath(arch_source)

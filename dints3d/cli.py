@@ -16,15 +16,16 @@ from dints3d.errors import DintsError
 #: subcommand → (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dints3d.data.synthetic", "write a synthetic MSD-format (or Cityscapes-format) task folder"),
-    "prepare": ("dints3d.data.prepare", "validate an MSD task, write fingerprint.json, plan.json, datalist.json"),
-    "search": ("dints3d.search.run", "search an architecture (DiNTS) on a prepared task"),
+    "prepare": ("dints3d.data.prepare", "validate an MSD task or Cityscapes folder, write fingerprint, plan, datalist"),
+    "search": ("dints3d.search.run", "search an architecture (DiNTS or Auto-DeepLab: `space`) on a prepared task"),
     "export": ("dints3d.bundle", "export a searched architecture as a MONAI bundle"),
     "train": ("dints3d.bundle_commands", "retrain a bundle's architecture (wraps monai.bundle run)"),
-    "infer": ("dints3d.bundle_commands", "sliding-window inference with a bundle on NIfTI files"),
-    "evaluate": ("dints3d.evaluate", "Dice, HD95 and NSD of predicted masks against labels (CSV + JSON)"),
+    "infer": ("dints3d.bundle_commands", "inference with a bundle on NIfTI files (Cityscapes bundles: PNG images)"),
+    "evaluate": ("dints3d.evaluate", "Dice, HD95, NSD of masks vs labels; --format cityscapes: mean IoU (official)"),
     "import-arch": ("dints3d.arch_import", "convert a torch-pickled DiNTS arch file to arch.json"),
     "describe": ("dints3d.describe", "parameters, multiply-adds and memory of an architecture or preset"),
     "demo": ("dints3d.demo", "synthetic task → prepare → search → export → train → infer → evaluate"),
+    "random-search": ("dints3d.random_search.run", "random search: DPC cells on cached features, or DiNTS baselines"),
 }
 
 

@@ -104,6 +104,40 @@ class TrainConfig:
     batch_size: int = 2
     amp: bool = True
     val_interval: int = 1000
+    patch_size: list[int] | None = None  #: retraining crop; None → data.patch_size, else the plan's
+    image_scale: float | None = None  #: Cityscapes: image scale for retraining and inference; None → the plan's
+
+
+@dataclass
+class DpcConfig:
+    """Dense prediction cell (Chen et al., NeurIPS 2018) on a fixed backbone, searched by ``dints3d random-search``
+    on cached backbone features (``docs/dpc.md``)."""
+
+    backbone: str = "dints-cvpr"  #: arch.json path or preset of the fixed backbone (its spatial_dims is the cell's)
+    backbone_weights: str | None = None  #: state dict of the backbone network (e.g. a bundle's models/model.pt)
+    backbone_channel_mul: float = 1.0
+    pretrain_iterations: int = 0  #: without backbone_weights: train the backbone this long on the proxy patches
+    feature_depth: int = 1  #: backbone resolution feeding the cell (DiNTS: stride 2^(depth + 1))
+    num_branches: int = 5
+    channels: int = 256  #: output channels of each branch and of the 1×1 projection
+    rates: list[int] | None = None  #: atrous rates per axis; None → 1,3,6,…,21 (2D) or 1,2,3,4,6,8 (3D)
+    grids: list[int] | None = None  #: pooling grid sizes per axis; None → 1,2,4,8 (2D) or 1,2,4 (3D)
+    train_patches: int = 64  #: proxy training patches (2D: slices) whose backbone features are cached
+    val_patches: int = 32  #: proxy validation patches
+    batch_size: int = 8  #: cached feature maps per head step
+    cache_dir: str | None = None  #: feature cache; None → RUN/feature_cache (share one folder to reuse it)
+
+
+@dataclass
+class RandomSearchConfig:
+    """Random search: uniform samples mixed with perturbations of the best so far, short-trained and ranked."""
+
+    trials: int = 50  #: architectures to sample (the budget, unless ``hours`` runs out first)
+    hours: float | None = None  #: stop starting trials once their summed training time reaches this
+    explore_ratio: float = 0.5  #: probability that a trial is uniform (else it perturbs the best so far)
+    iterations: int = 300  #: short schedule per trial (network steps; DPC: head steps on cached features)
+    top_k: int = 5  #: best trials re-evaluated with the longer schedule
+    topk_iterations: int = 1000
 
 
 @dataclass
@@ -118,10 +152,12 @@ class Config:
     autodeeplab: AutoDeepLabConfig = field(default_factory=AutoDeepLabConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpc: DpcConfig = field(default_factory=DpcConfig)
+    random_search: RandomSearchConfig = field(default_factory=RandomSearchConfig)
     plan: dict = field(default_factory=dict)
 
 
-SPACES = ("dints", "autodeeplab")
+SPACES = ("dints", "autodeeplab", "dpc")  #: dpc: random search only (dints3d random-search)
 
 
 def _type_name(tp: Any) -> str:
@@ -242,7 +278,17 @@ def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] 
     check(d.num_depths >= 1, "dints.num_depths", "must be ≥ 1")
     check(d.spatial_dims in (2, 3), "dints.spatial_dims", f"must be 2 or 3, got {d.spatial_dims}")
     check(d.channel_mul > 0, "dints.channel_mul", "must be > 0")
+    adl = cfg.autodeeplab
+    for name in ("num_layers", "num_blocks", "filter_multiplier"):
+        check(getattr(adl, name) >= 1, f"autodeeplab.{name}", "must be ≥ 1")
+    check(adl.spatial_dims in (2, 3), "autodeeplab.spatial_dims", f"must be 2 or 3, got {adl.spatial_dims}")
+    check(adl.supernet in ("per_transition", "mixed_input"), "autodeeplab.supernet",
+          f"must be 'per_transition' or 'mixed_input', got '{adl.supernet}'")
     check(cfg.train.channel_mul > 0, "train.channel_mul", "must be > 0")
+    check(cfg.train.image_scale is None or cfg.train.image_scale > 0, "train.image_scale", "must be > 0")
+    if cfg.train.patch_size is not None:
+        check(len(cfg.train.patch_size) in (2, 3) and min(cfg.train.patch_size) >= 1, "train.patch_size",
+              "must be 2 or 3 positive integers")
     check(0 <= s.warmup_fraction <= 1, "search.warmup_fraction", f"must be in [0, 1], got {s.warmup_fraction}")
     check(0 < s.ram_cost_factor <= 1, "search.ram_cost_factor", f"must be in (0, 1], got {s.ram_cost_factor}")
     for name in ("iterations", "val_interval", "checkpoint_interval", "max_nonfinite_steps"):
@@ -251,6 +297,20 @@ def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] 
           f"must be 'halving' or 'cosine', got '{s.lr_schedule}'")
     check(len(s.arch_betas) == 2, "search.arch_betas", "must have 2 values")
     check(data.batch_size >= 1, "data.batch_size", "must be ≥ 1")
+    r, dpc = cfg.random_search, cfg.dpc
+    for name in ("trials", "iterations", "topk_iterations"):
+        check(getattr(r, name) >= 1, f"random_search.{name}", "must be ≥ 1")
+    check(r.top_k >= 0, "random_search.top_k", "must be ≥ 0")
+    check(0 <= r.explore_ratio <= 1, "random_search.explore_ratio", f"must be in [0, 1], got {r.explore_ratio}")
+    check(r.hours is None or r.hours > 0, "random_search.hours", "must be > 0")
+    for name in ("num_branches", "channels", "train_patches", "val_patches", "batch_size"):
+        check(getattr(dpc, name) >= 1, f"dpc.{name}", "must be ≥ 1")
+    check(dpc.feature_depth >= 0, "dpc.feature_depth", "must be ≥ 0")
+    check(dpc.pretrain_iterations >= 0, "dpc.pretrain_iterations", "must be ≥ 0")
+    check(dpc.backbone_channel_mul > 0, "dpc.backbone_channel_mul", "must be > 0")
+    for name in ("rates", "grids"):
+        values = getattr(dpc, name)
+        check(values is None or (len(values) > 0 and min(values) >= 1), f"dpc.{name}", "must be positive integers")
     check(data.num_samples >= 1, "data.num_samples", "must be ≥ 1")
     check(0 <= data.cache_rate <= 1, "data.cache_rate", f"must be in [0, 1], got {data.cache_rate}")
     if data.patch_size is not None:

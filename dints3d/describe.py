@@ -20,8 +20,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dints3d.errors import DintsError
 from dints3d.memory import DEVICES, meta_network, predict_training_memory
+from dints3d.spaces.autodeeplab import AutoDeepLabArchitecture
 from dints3d.spaces.base import Architecture, load_architecture
 from dints3d.spaces.dints import DintsArchitecture, operation_names, patch_divisor
+
+#: per space: default (input size, image channels, classes) of the CLI — a 3-D CT patch; a Cityscapes image
+SPACE_DEFAULTS = {"dints": ((96, 96, 96), 1, 3), "autodeeplab": ((1024, 2048), 3, 19)}
 
 
 def count_flops(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
@@ -45,6 +49,11 @@ def topology_summary(arch: DintsArchitecture) -> dict:
 
 
 def _check_input_size(arch: Architecture, input_size: Sequence[int]) -> None:
+    if isinstance(arch, AutoDeepLabArchitecture):
+        if len(input_size) != arch.spatial_dims or min(input_size) < 1:
+            raise DintsError("--input-size", f"needs {arch.spatial_dims} positive sides for a {arch.spatial_dims}-D "
+                             "architecture")
+        return
     if not isinstance(arch, DintsArchitecture):
         return
     if len(input_size) != arch.spatial_dims:
@@ -77,6 +86,14 @@ def describe(arch: Architecture, input_size: Sequence[int] = (96, 96, 96), in_ch
     if isinstance(arch, DintsArchitecture):
         facts.update(num_blocks=arch.num_blocks, num_depths=arch.num_depths, spatial_dims=arch.spatial_dims,
                      channel_mul_search=arch.channel_mul_search, **topology_summary(arch))
+    if isinstance(arch, AutoDeepLabArchitecture):
+        facts.update(num_layers=arch.num_layers, num_blocks=arch.num_blocks, spatial_dims=arch.spatial_dims,
+                     filter_multiplier=max(1, round(arch.filter_multiplier * channel_mul)),
+                     network_path=arch.network_path, strides=arch.strides, cell=[list(p) for p in arch.cell])
+        reference = arch.provenance.get("reference")
+        if isinstance(reference, dict) and (reference.get("input_size"), reference.get("in_channels"),
+                                            reference.get("classes")) == (list(input_size), in_channels, classes):
+            facts["reference"] = reference  # published figures for this very setting
     return facts
 
 
@@ -95,9 +112,15 @@ def format_text(name: str, facts: dict) -> str:
     mem = facts["memory"]
     b = mem["bytes"]
     size = "x".join(map(str, facts["input_size"]))
-    lines = [f"architecture: {name} ({facts['space']}"
-             + (f", {facts['num_blocks']} blocks x {facts['num_depths']} depths, {facts['spatial_dims']}-D, "
-                f"searched at channel_mul {facts['channel_mul_search']}" if "num_blocks" in facts else "") + ")",
+    if "num_depths" in facts:
+        shape = (f", {facts['num_blocks']} blocks x {facts['num_depths']} depths, {facts['spatial_dims']}-D, "
+                 f"searched at channel_mul {facts['channel_mul_search']}")
+    elif "network_path" in facts:
+        shape = (f", {facts['num_layers']} layers at strides {'-'.join(map(str, facts['strides']))}, "
+                 f"{facts['num_blocks']}-block cell, F = {facts['filter_multiplier']}, {facts['spatial_dims']}-D")
+    else:
+        shape = ""
+    lines = [f"architecture: {name} ({facts['space']}{shape})",
              f"network:      {facts['in_channels']} -> {facts['classes']} channels, channel_mul {facts['channel_mul']}",
              f"parameters:   {facts['parameters'] / 1e6:.2f} M ({facts['parameters'] * 4 / 2**20:.1f} MiB fp32)",
              f"compute:      {facts['macs'] / 1e9:.2f} G multiply-adds = {facts['flops'] / 1e9:.2f} GFLOPs per {size} "
@@ -109,17 +132,26 @@ def format_text(name: str, facts: dict) -> str:
     if "active_paths" in facts:
         ops = ", ".join(f"{op} {n}" for op, n in facts["operations"].items())
         lines += [f"active paths: {facts['active_paths']}/{facts['total_paths']}", f"operations:   {ops}"]
+    if facts.get("reference"):
+        ref = facts["reference"]
+        params, macs = facts["parameters"] / ref["parameters"] - 1, facts["macs"] / ref["multiply_adds"] - 1
+        lines.append(f"published:    {ref['parameters'] / 1e6:.2f} M parameters (ours {100 * params:+.2f} %), "
+                     f"{ref['multiply_adds'] / 1e9:.2f} G multiply-adds (ours {100 * macs:+.1f} %) — {ref['source']}")
     if facts.get("picture"):
         lines.append(f"picture:      {facts['picture']}")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("arch", metavar="ARCH_OR_PRESET", help="an arch.json file or a preset name (e.g. dints-cvpr)")
-    parser.add_argument("--input-size", type=int, nargs="+", default=[96, 96, 96], help="patch size (default 96 96 96)")
-    parser.add_argument("--in-channels", type=int, default=1, help="image channels (default 1)")
-    parser.add_argument("--classes", type=int, default=3, help="output classes incl. background (default 3)")
-    parser.add_argument("--channel-mul", type=float, default=1.0, help="channel multiplier of the network (default 1)")
+    parser.add_argument("arch", metavar="ARCH_OR_PRESET",
+                        help="an arch.json file or a preset name (e.g. dints-cvpr, autodeeplab-s)")
+    parser.add_argument("--input-size", type=int, nargs="+", default=None,
+                        help="patch size (default 96 96 96; Auto-DeepLab: 1024 2048)")
+    parser.add_argument("--in-channels", type=int, default=None, help="image channels (default 1; Auto-DeepLab: 3)")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="output classes incl. background (default 3; Auto-DeepLab: 19)")
+    parser.add_argument("--channel-mul", type=float, default=1.0,
+                        help="channel multiplier of the network (default 1; Auto-DeepLab: scales F)")
     parser.add_argument("--batch", type=int, default=2, help="training batch for the memory prediction (default 2)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="mixed precision for the memory prediction (default on)")
@@ -129,12 +161,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    arch = load_architecture(args.arch)
+    size, channels, classes = SPACE_DEFAULTS.get(arch.space, SPACE_DEFAULTS["dints"])
+    args.input_size = size if args.input_size is None else args.input_size
+    args.in_channels = channels if args.in_channels is None else args.in_channels
+    args.classes = classes if args.classes is None else args.classes
     for option, value in (("--in-channels", args.in_channels), ("--classes", args.classes), ("--batch", args.batch)):
         if value < 1:
             raise DintsError(option, f"must be at least 1, got {value}")
     if not args.channel_mul > 0:
         raise DintsError("--channel-mul", "must be positive")
-    arch = load_architecture(args.arch)
     facts = describe(arch, args.input_size, args.in_channels, args.classes, args.channel_mul, args.batch, args.amp,
                      args.device)
     facts = {"architecture": args.arch, **facts, "picture": picture_next_to(args.arch)}

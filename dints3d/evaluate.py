@@ -241,14 +241,25 @@ def evaluate_folders(pred_dir: str | os.PathLike, label_dir: str | os.PathLike, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("nifti", "cityscapes"), default="nifti",
+                        help="nifti: Dice/HD95/NSD of NIfTI masks (default); cityscapes: mean IoU of label-id PNGs "
+                             "by cityscapesscripts' official evaluator and in-process (docs/cityscapes.md)")
     parser.add_argument("--pred", required=True, help="folder of predicted label maps (searched recursively)")
-    parser.add_argument("--label", required=True, help="folder of ground-truth label maps (e.g. labelsTr)")
+    parser.add_argument("--label", required=True,
+                        help="folder of ground-truth label maps (e.g. labelsTr; cityscapes: gtFine/val, recursive)")
     parser.add_argument("--dataset-json", help="MSD dataset.json whose 'labels' name the classes")
     parser.add_argument("--out", default=".", help="folder for metrics.csv and summary.json (default: .)")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD boundary tolerance in mm (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "cityscapes":
+        from dints3d.cityscapes_eval import evaluate_cityscapes, print_summary
+
+        if args.dataset_json is not None:
+            raise DintsError("--dataset-json", "does not apply to --format cityscapes (Cityscapes' own label table)")
+        print_summary(evaluate_cityscapes(args.pred, args.label, args.out), args.out)
+        return 0
     summary = evaluate_folders(args.pred, args.label, args.out, args.dataset_json, args.nsd_tolerance)
     print(f"{summary['num_cases']} cases; mean foreground Dice {_fmt(summary['mean_foreground_dice'])}")
     for c, entry in summary["classes"].items():

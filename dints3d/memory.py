@@ -5,15 +5,17 @@ One training step (SGD with momentum by default, MONAI ``DiceCELoss`` as in the 
 - ``parameters`` (fp32 master weights, also under AMP), ``gradients`` (one per trainable parameter) and
   ``optimizer_state`` (momentum: 1×, Adam: 2× the trainable parameters);
 - ``activations``: every tensor autograd saves for backward during forward + loss, recorded with
-  ``torch.autograd.graph.saved_tensors_hooks`` and deduplicated by storage; parameters are not counted again, but
-  AMP's low-precision weight copies are;
+  ``torch.autograd.graph.saved_tensors_hooks``, counted once per storage among those still alive when the loss is
+  computed (deterministic, see :class:`_SavedTensors`); parameters are not counted again, but AMP's low-precision
+  weight copies are;
 - ``transient``: what lives only while one op runs — :data:`TRANSIENT_FACTOR` × the largest op output (in backward
   that output's gradient and its input's, and oneDNN's reordered copies of both) plus, for ``device="cpu"``, the
   largest im2col buffer of an fp32 3-D convolution (see :class:`_OpScratch`).
 
 ``peak = parameters + gradients + optimizer_state + activations + transient``. AMP is modelled by casting the inputs
 of the ops autocast runs in half precision (convolutions, matrix products) to a 2-byte dtype and those it runs in
-fp32 (softmax, losses, norms) to fp32; other ops follow type promotion, as under ``torch.autocast``. The model is
+fp32 to fp32 — on CUDA softmax, losses and norms, on the CPU only the losses (CPU autocast keeps softmax in bf16);
+other ops follow type promotion, as under ``torch.autocast``. The model is
 calibrated against the peak RSS of real CPU training steps (:func:`measure_training_memory`, ``bench/memory_model.py``,
 accuracy in ``docs/architectures.md``).
 """
@@ -26,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -52,9 +55,12 @@ _HALF_PRECISION_OPS = {
     torch.conv_transpose3d, F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
     torch.Tensor.matmul, torch.Tensor.__matmul__,
 }
+#: ops autocast runs in fp32, by device (CPU autocast's list has the losses but not softmax or the norms)
 _FLOAT32_OPS = {
-    torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.Tensor.softmax, torch.Tensor.log_softmax,
-    F.cross_entropy, F.nll_loss, F.layer_norm, F.group_norm, torch.pow, torch.Tensor.pow,
+    "cuda": {torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.Tensor.softmax,
+             torch.Tensor.log_softmax, F.cross_entropy, F.nll_loss, F.layer_norm, F.group_norm, torch.pow,
+             torch.Tensor.pow},
+    "cpu": {F.cross_entropy, F.nll_loss},
 }
 
 
@@ -66,13 +72,14 @@ def dice_ce_loss() -> DiceCELoss:
 class _AutocastOnMeta(TorchFunctionMode):
     """``torch.autocast``'s casting rules at the torch-function level, where they also apply to meta tensors."""
 
-    def __init__(self, low: torch.dtype):
+    def __init__(self, low: torch.dtype, device: str):
         super().__init__()
         self.low = low
+        self.float32_ops = _FLOAT32_OPS[device]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        dtype = self.low if func in _HALF_PRECISION_OPS else torch.float32 if func in _FLOAT32_OPS else None
+        dtype = self.low if func in _HALF_PRECISION_OPS else torch.float32 if func in self.float32_ops else None
         if dtype is not None:
             def cast(t):
                 return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -107,7 +114,31 @@ class _OpScratch(TorchDispatchMode):
 
 
 def _storage_key(t: torch.Tensor) -> int:
+    """Address of ``t``'s storage: unique among live tensors only (a freed storage's address is reused)."""
     return t.untyped_storage()._cdata
+
+
+class _SavedTensors:
+    """Tensors autograd saves for backward, counted once per storage among those still alive at the end.
+
+    A saved tensor dies with its graph node when an output is discarded mid-forward (MONAI's DiNTS replaces the stem
+    output of an inactive input node by zeros), and its storage address may then be reused by a later tensor. Keying
+    on the address alone merged such tensors at random (predictions varied by ~1 % between calls), so each address
+    keeps weak references to the tensors saved there and :meth:`live_bytes` counts an address only while one of them
+    is alive: deterministic, and what a real device holds when the forward ends."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude
+        self.by_key: dict[int, list[tuple[weakref.ref, int]]] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in self.exclude:
+            self.by_key.setdefault(key, []).append((weakref.ref(t), t.untyped_storage().nbytes()))
+        return t
+
+    def live_bytes(self) -> int:
+        return sum(max((n for ref, n in refs if ref() is not None), default=0) for refs in self.by_key.values())
 
 
 def _meta_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -133,22 +164,18 @@ def step_activation_memory(model: nn.Module, input_shape: Sequence[int], batch: 
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     stand_ins = _meta_parameters(model)
     param_keys = {_storage_key(t) for t in stand_ins.values()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in param_keys:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
+    saved = _SavedTensors(exclude=param_keys)
 
     x = torch.empty(batch, *input_shape, device="meta")
     y = torch.zeros(batch, 1, *input_shape[1:], device="meta")
     scratch = _OpScratch(count_im2col=device == "cpu")
-    autocast = _AutocastOnMeta(torch.bfloat16) if amp else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), scratch, torch.enable_grad(), autocast:
-        dice_ce_loss()(torch.func.functional_call(model, stand_ins, (x,)), y)
+    autocast = _AutocastOnMeta(torch.bfloat16, device) if amp else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), scratch, torch.enable_grad(), autocast:
+        loss = dice_ce_loss()(torch.func.functional_call(model, stand_ins, (x,)), y)
+        activations = saved.live_bytes()  # while ``loss`` keeps the graph alive
+    del loss
     transient = TRANSIENT_FACTOR * scratch.largest_output + scratch.largest_im2col
-    return {"activations": int(sum(saved.values())), "transient": int(transient)}
+    return {"activations": int(activations), "transient": int(transient)}
 
 
 def _parameter_bytes(model: nn.Module, trainable: bool | None = None) -> int:
@@ -208,9 +235,14 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def meta_network(arch: Architecture, in_channels: int, out_channels: int, **build_kwargs: Any) -> nn.Module:
-    """``arch.build(in_channels, out_channels, **build_kwargs)`` with meta parameters."""
+    """``arch.build(in_channels, out_channels, **build_kwargs)`` with meta parameters (and meta running statistics
+    of normalisation layers, which a training-mode forward updates)."""
     with parameters_on_meta():
-        return arch.build(in_channels, out_channels, **build_kwargs)
+        model = arch.build(in_channels, out_channels, **build_kwargs)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            module.to("meta")
+    return model
 
 
 def meta_search_space(in_channels: int, num_classes: int, **space_hparams: Any) -> DintsSearchSpace:
@@ -258,10 +290,11 @@ def predict_search_step_memory(space_hparams: dict, input_shape: Sequence[int], 
 
 
 def random_dints_architecture(num_blocks: int, num_depths: int, rng: np.random.Generator,
-                              spatial_dims: int = 3) -> DintsArchitecture:
+                              spatial_dims: int = 3, keep: float = 0.5) -> DintsArchitecture:
     """A random connected DiNTS architecture: each layer reads exactly the nodes the previous layer wrote.
 
-    Every active node gets at least one outgoing path (its others are kept with probability ½); ops are uniform."""
+    Every active node gets at least one outgoing path (its others are kept with probability ``keep``); ops are
+    uniform."""
     topo = DintsTopology(num_depths)
     path_in, path_out = topo.path_in.numpy(), topo.path_out.numpy()
     num_ops = len(operation_names(spatial_dims))
@@ -272,7 +305,7 @@ def random_dints_architecture(num_blocks: int, num_depths: int, rng: np.random.G
     for layer in range(num_blocks):
         for node in np.flatnonzero(node_a[layer]):
             paths = np.flatnonzero(path_in == node)
-            chosen = rng.random(len(paths)) < 0.5
+            chosen = rng.random(len(paths)) < keep
             chosen[rng.integers(len(paths))] = True
             code_a[layer, paths[chosen]] = 1
         node_a[layer + 1, path_out[code_a[layer] > 0]] = 1

@@ -1,5 +1,6 @@
-"""An exported bundle with MONAI's own tools: verify_net_in_out, ckpt_export (TorchScript = eager), inference in a
-process where ``import dints3d`` fails (masks on each input's grid), and ``dints3d infer``'s input checks."""
+"""An exported bundle with MONAI's own tools: verify_net_in_out, ckpt_export (TorchScript = eager), inference and
+evaluation in a process where ``import dints3d`` fails (masks on each input's grid), and ``dints3d infer``'s input
+checks."""
 
 from __future__ import annotations
 
@@ -89,6 +90,16 @@ def test_inference_runs_without_dints3d(bundle, tmp_path):
         assert image.affine[0, 0] < 0 and image.affine[2, 3] != 0  # LPS with an origin: not the identity grid
         values = np.unique(np.asarray(mask.dataobj))
         assert mask.get_data_dtype() == np.uint8 and set(values.tolist()) <= {0, 1, 2}
+
+
+def test_evaluation_runs_without_dints3d(bundle):
+    """evaluate.yaml on top of train.yaml uses none of train.yaml's dints3d handlers (only training needs dints3d)."""
+    configs = bundle / "configs"
+    done = subprocess.run([sys.executable, "-c", BLOCK_DINTS3D, "monai.bundle", "run", "--config_file",
+                           str([str(configs / "train.yaml"), str(configs / "evaluate.yaml")]), "--sw_overlap", "0.25"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (bundle / "eval" / "metrics.csv").read_text().startswith("val_mean_dice")
 
 
 def _save(path: Path, data: np.ndarray) -> Path:

@@ -1,4 +1,5 @@
 """``dints3d prepare``: validate an MSD task and write ``WORK/fingerprint.json``, ``plan.json``, ``datalist.json``.
+A Cityscapes folder (``leftImg8bit/`` + ``gtFine/``) is recognised and handled by :mod:`dints3d.data.cityscapes`.
 
 Cases are read one at a time (validation and fingerprint in the same pass), so memory stays at about one case.
 Nothing is written until every file has passed validation; each output is then written atomically.
@@ -14,6 +15,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dints3d.config import Config, config_path, load_config
+from dints3d.data.cityscapes import is_cityscapes, prepare_cityscapes
+from dints3d.data.cityscapes import summary as cityscapes_summary
 from dints3d.data.datalist import DATALIST_FILE, check_folds, make_datalist
 from dints3d.data.fingerprint import FINGERPRINT_FILE, PLAN_FILE, FingerprintBuilder, check_overrides, make_plan
 from dints3d.data.msd import load_image, load_label, read_task
@@ -32,6 +35,9 @@ def prepare(task_dir: str | os.PathLike, work_dir: str | os.PathLike, folds: int
     ``{"fingerprint": …, "plan": …, "datalist": …}``. ``config.plan`` overrides plan fields (errors name
     ``config_source``); ``config.dints`` sets the patch divisor."""
     cfg = config or Config()
+    if is_cityscapes(task_dir):
+        divisor = patch_divisor(cfg) if cfg.space == "dints" else 1  # Auto-DeepLab takes any crop size
+        return prepare_cityscapes(task_dir, work_dir, seed, divisor, cfg.plan, config_source, progress)
     work = Path(work_dir)
     if work.exists() and not work.is_dir():
         raise DintsError(work, "exists and is not a folder")
@@ -59,6 +65,8 @@ def prepare(task_dir: str | os.PathLike, work_dir: str | os.PathLike, folds: int
 def summary(outputs: dict[str, dict], work_dir: str | os.PathLike) -> str:
     """A few human-readable lines about what ``prepare`` decided."""
     plan, datalist = outputs["plan"], outputs["datalist"]
+    if plan.get("format") == "cityscapes":
+        return cityscapes_summary(outputs, work_dir)
     times = " × ".join
 
     def norm(n: dict) -> str:
@@ -77,7 +85,8 @@ def summary(outputs: dict[str, dict], work_dir: str | os.PathLike) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, help="MSD task folder (with dataset.json)")
+    parser.add_argument("--task", required=True,
+                        help="MSD task folder (with dataset.json) or Cityscapes folder (leftImg8bit/, gtFine/)")
     parser.add_argument("--out", required=True, help="work folder for fingerprint.json, plan.json, datalist.json")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold split, halves and sampling")

@@ -239,25 +239,37 @@ def make_msd_task(out: str | Path, cases: int = 8, test_cases: int = 2, classes:
     return out
 
 
-#: --format → writer; each takes the common options of :func:`make_msd_task`
-FORMATS: dict[str, Callable[..., Path]] = {"msd": make_msd_task}
+def make_cityscapes_task(out: str | Path, **options) -> Path:
+    """A Cityscapes-format folder (:mod:`dints3d.data.synthetic_cityscapes`)."""
+    from dints3d.data.synthetic_cityscapes import make_cityscapes_task as write
+
+    return write(out, **options)
+
+
+#: --format → writer; each takes ``out``, ``cases``, ``test_cases``, ``seed`` and those other options of
+#: :func:`make_msd_task` that apply to it (options left unset on the command line are not passed)
+FORMATS: dict[str, Callable[..., Path]] = {"msd": make_msd_task, "cityscapes": make_cityscapes_task}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="task folder to create (must not exist or be empty)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="msd", help="folder layout (default: msd)")
-    parser.add_argument("--cases", type=int, default=8, help="training cases (default: 8)")
+    parser.add_argument("--cases", type=int, default=8,
+                        help="labelled cases (default: 8); cityscapes splits them 3:1 into train and val")
     parser.add_argument("--test-cases", type=int, default=2, help="test cases without labels (default: 2)")
-    parser.add_argument("--classes", type=int, default=2, help="foreground classes (default: 2)")
-    parser.add_argument("--modalities", type=int, default=1, help="1 → CT; ≥ 2 → MRI-like 4D images (default: 1)")
-    parser.add_argument("--anisotropic", action="store_true", help="~0.8 × 0.8 × 2.6–4 mm voxels")
-    parser.add_argument("--size", type=int, default=48, help="approximate in-plane side in voxels (default: 48)")
+    parser.add_argument("--classes", type=int, help="foreground classes (msd only; default: 2)")
+    parser.add_argument("--modalities", type=int, help="1 → CT; ≥ 2 → MRI-like 4D images (msd only; default: 1)")
+    parser.add_argument("--anisotropic", action="store_true", help="~0.8 × 0.8 × 2.6–4 mm voxels (msd only)")
+    parser.add_argument("--size", type=int,
+                        help="msd: approximate in-plane side in voxels (default: 48); cityscapes: image height, "
+                             "width twice that (default: 64)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = FORMATS[args.format](args.out, cases=args.cases, test_cases=args.test_cases, classes=args.classes,
-                               modalities=args.modalities, anisotropic=args.anisotropic, size=args.size,
-                               seed=args.seed)
-    print(f"wrote {args.cases} training and {args.test_cases} test cases to {out}")
+    options = {k: v for k, v in (("classes", args.classes), ("modalities", args.modalities), ("size", args.size),
+                                 ("anisotropic", args.anisotropic or None)) if v is not None}
+    out = FORMATS[args.format](args.out, cases=args.cases, test_cases=args.test_cases, seed=args.seed, **options)
+    kind = "labelled (train + val)" if args.format == "cityscapes" else "training"
+    print(f"wrote {args.cases} {kind} and {args.test_cases} test cases to {out}")
     return 0

@@ -3,6 +3,7 @@
 Deterministic steps (load → channel first → orientation → spacing → normalization) come first so that
 ``CacheDataset``/``PersistentDataset`` cache their result; random steps (patch sampling, augmentation) follow.
 Inference keeps the metadata ``Invertd`` needs to map predictions back to the input's grid.
+A Cityscapes plan (``"format": "cityscapes"``) gets the 2D chains of :mod:`dints3d.data.cityscapes_transforms`.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def train_transforms(
     """Training chain: cached preprocessing, then class-balanced random patches of ``patch_size`` (equal ratios
     over all classes, as the DiNTS recipe) and augmentation. Output: ``num_samples`` dicts with ``image``
     ``C×patch`` float32 and ``label`` ``1×patch``. ``device`` caches the preprocessed volume there (GPU)."""
+    if plan.get("format") == "cityscapes":
+        from dints3d.data import cityscapes_transforms
+
+        return cityscapes_transforms.train_transforms(patch_size, num_samples, augment, float(plan["image_scale"]),
+                                                      device)
     keys = ["image", "label"]
     num_classes = int(plan["out_channels"])
     steps = _preprocessing(plan, keys, device)
@@ -114,9 +120,17 @@ def train_transforms(
 
 def validation_transforms(plan: Mapping, device: torch.device | None = None) -> Compose:
     """Whole preprocessed volumes with labels: ``image`` C×spatial, ``label`` 1×spatial."""
+    if plan.get("format") == "cityscapes":
+        from dints3d.data import cityscapes_transforms
+
+        return cityscapes_transforms.validation_transforms(float(plan["image_scale"]), device)
     return Compose(_preprocessing(plan, ["image", "label"], device))
 
 
 def inference_transforms(plan: Mapping) -> Compose:
     """Image only, metadata kept for ``Invertd`` (orientation and spacing are undone on the prediction)."""
+    if plan.get("format") == "cityscapes":
+        from dints3d.data import cityscapes_transforms
+
+        return cityscapes_transforms.inference_transforms(float(plan["image_scale"]))
     return Compose(_preprocessing(plan, ["image"]))

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from monai.losses import DiceCELoss
 from tqdm import tqdm
 
 from dints3d import __version__
@@ -27,6 +26,7 @@ from dints3d.data.stream import PatchStream, stream_loader
 from dints3d.data.transforms import train_transforms, validation_transforms
 from dints3d.errors import DintsError
 from dints3d.io import write_json, write_yaml
+from dints3d.losses import segmentation_loss
 from dints3d.preflight import (
     check_free_disk,
     check_writable,
@@ -36,7 +36,7 @@ from dints3d.preflight import (
 )
 from dints3d.runtime import Runtime, seed_everything
 from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
-from dints3d.search.validate import validate_dice
+from dints3d.search.validate_iou import validate_scores, validation_metric
 from dints3d.spaces.base import SearchSpace
 from dints3d.spaces.factory import build_search_space
 
@@ -104,8 +104,7 @@ class SearchRun:
         if cfg.data.cache_dir is not None and runtime.is_main:
             cases = len(load_items(self.work, "training"))
             check_free_disk(cfg.data.cache_dir, estimate_cache_bytes(self.plan, cases))
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=True,
-                                  batch=True)
+        self.loss_fn = segmentation_loss(self.plan)  # DiceCE (MSD) or cross-entropy ignoring 255 (Cityscapes)
         self._make_optimizers()
         self.state = LoopState()
         if saved is not None:
@@ -288,11 +287,10 @@ class SearchRun:
 
     # ------------------------------------------------------------------------------------------- validation
     def validate_and_decode(self) -> dict:
-        """Validation Dice of the supernet and a decode snapshot (``arch_history/``)."""
-        dice = validate_dice(self.space, (self.val_data[i] for i in range(len(self.val_data))),
-                             int(self.plan["out_channels"]), self.patch, self.rt.device,
-                             self.rt.autocast(self.cfg.search.amp), self.cfg.search.val_sw_batch_size,
-                             self.cfg.search.val_overlap)
+        """Validation Dice (MSD) or IoU (Cityscapes) of the supernet and a decode snapshot (``arch_history/``)."""
+        dice = validate_scores(self.plan, self.space, (self.val_data[i] for i in range(len(self.val_data))),
+                               self.patch, self.rt.device, self.rt.autocast(self.cfg.search.amp),
+                               self.cfg.search.val_sw_batch_size, self.cfg.search.val_overlap)
         if self.rt.distributed:
             dice = _allgather_mean(dice, self.rt)
         mean = _nanmean(dice)
@@ -301,9 +299,10 @@ class SearchRun:
         if self.rt.is_main:
             arch.save(self.out / "arch_history" / f"arch_{self.state.iteration:07d}.json")
             t = self.state.iteration
-            self.writer.add_scalar("val/mean_dice", mean, t)
-            for c, v in enumerate(dice, start=1):
-                self.writer.add_scalar(f"val/dice_{self.plan['class_names'][c]}", v, t)
+            metric, first = validation_metric(self.plan)  # Dice of foreground classes, or IoU of every class
+            self.writer.add_scalar(f"val/mean_{metric}", mean, t)
+            for c, v in enumerate(dice, start=first):
+                self.writer.add_scalar(f"val/{metric}_{self.plan['class_names'][c]}", v, t)
             for key, value in info.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"arch/{key}", float(value), t)
@@ -330,7 +329,8 @@ class SearchRun:
             "task": self.plan.get("name"),
             "iteration": self.state.iteration,
             "seed": self.cfg.seed,
-            "validation_dice": dice if dice is not None else self.state.last_dice,
+            "validation_dice": _json_scores(dice if dice is not None else self.state.last_dice),
+            "validation_metric": validation_metric(self.plan)[0],
             **facts,
             **({"memory_budget": self.budget} if self.budget else {}),
             "decode": {k: v for k, v in info.items() if k not in facts},
@@ -387,7 +387,7 @@ class SearchRun:
                 if result["mean_dice"] > self.state.best_dice:
                     self.state.best_dice = result["mean_dice"]
                     self.save("best")
-                bar.set_postfix_str(f"val dice {result['mean_dice']:.3f}")
+                bar.set_postfix_str(f"val {validation_metric(self.plan)[0]} {result['mean_dice']:.3f}")
             if done % s.checkpoint_interval == 0 or done == end:
                 self.save()
         bar.close()
@@ -439,6 +439,7 @@ class SearchRun:
 
                 save_figure(figure, self.out / "arch.png")
             summary = {"iterations": self.state.iteration, "best_validation_dice": self.state.best_dice,
+                       "validation_metric": validation_metric(self.plan)[0],
                        "nonfinite_steps": self.state.nonfinite_total, **info}
             write_json(self.out / "summary.json", summary)
             self.writer.flush()
@@ -453,6 +454,11 @@ class SearchRun:
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _json_scores(values: list[float]) -> list[float | None]:
+    """NaN (a class absent from the validation truth) as null: JSON has no NaN."""
+    return [None if math.isnan(v) else v for v in values]
 
 
 def _allgather_mean(dice: list[float], rt: Runtime) -> list[float]:

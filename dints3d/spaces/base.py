@@ -88,7 +88,8 @@ class SearchSpace(nn.Module, abc.ABC):
 
 
 #: space name → module defining its Architecture subclass (imported on first use)
-SPACE_MODULES = {"dints": "dints3d.spaces.dints", "autodeeplab": "dints3d.spaces.autodeeplab"}
+SPACE_MODULES = {"dints": "dints3d.spaces.dints", "autodeeplab": "dints3d.spaces.autodeeplab",
+                 "dpc": "dints3d.spaces.dpc"}
 
 
 def architecture_class(space: str) -> type[Architecture]:

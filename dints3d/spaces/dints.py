@@ -29,6 +29,7 @@ from dints3d.errors import DintsError
 from dints3d.search import regularizers as reg
 from dints3d.search.decode import decode_topology
 from dints3d.spaces.base import ARCH_FORMAT_VERSION, Architecture, SearchSpace
+from dints3d.spaces.dints_cells import accumulate, cell_forward
 from dints3d.spaces.dints_topology import DintsTopology
 
 OPERATIONS_3D = ("skip_connect", "conv_3x3x3", "conv_3x3x1", "conv_3x1x3", "conv_1x3x3")
@@ -214,22 +215,25 @@ class _SupernetTopology(TopologySearch):
         # The search space keeps every path; a flat list avoids string keys and the arch_code_a read per block.
         self._cells = [[self.cell_tree[str((b, p))] for p in range(len(self.arch_code2out))] for b in range(self.num_blocks)]
 
-    def _run_cell(self, cell: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_cells and torch.is_grad_enabled():
-            return checkpoint(cell, x, weight, use_reentrant=False)
-        return cell(x, weight)
-
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
-        """x: ``num_depths`` tensors ``B C_d [spatial/2^d]`` → the same list after ``num_blocks`` mixed layers."""
+        """x: ``num_depths`` tensors ``B C_d [spatial/2^d]`` → the same list after ``num_blocks`` mixed layers.
+
+        Each cell runs :func:`~dints3d.spaces.dints_cells.cell_forward` with its scales η·softmax(α) (no host sync);
+        without checkpointing, ``relu`` of each node is computed once and shared by the cells reading it."""
         eta = reg.path_probabilities(self.log_alpha_a)
-        op_weights = F.softmax(self.log_alpha_c, dim=-1)
+        scales = F.softmax(self.log_alpha_c, dim=-1) * eta.unsqueeze(-1)  # L × P × K
+        checkpointing = self.checkpoint_cells and torch.is_grad_enabled()
         inputs = x
         for b, cells in enumerate(self._cells):
+            relus = [None if checkpointing else torch.relu(t) for t in inputs]
             outputs: list[torch.Tensor | None] = [None] * self.num_depths
             for p, cell in enumerate(cells):
-                y = self._run_cell(cell, inputs[self.arch_code2in[p]], op_weights[b, p]) * eta[b, p]
-                o = self.arch_code2out[p]
-                outputs[o] = y if outputs[o] is None else outputs[o] + y
+                i, o = self.arch_code2in[p], self.arch_code2out[p]
+                if checkpointing:
+                    y = checkpoint(cell_forward, cell, inputs[i], None, scales[b, p], use_reentrant=False)
+                else:
+                    y = cell_forward(cell, inputs[i], relus[i], scales[b, p])
+                outputs[o] = y if outputs[o] is None else accumulate(outputs[o], y)
             inputs = outputs  # type: ignore[assignment]
         return inputs
 

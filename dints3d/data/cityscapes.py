@@ -1,0 +1,311 @@
+"""Cityscapes folders: the label table, the folder reader, and ``dints3d prepare`` for them.
+
+A Cityscapes folder holds ``leftImg8bit/<split>/<city>/<core>_leftImg8bit.png`` (RGB) and
+``gtFine/<split>/<city>/<core>_gtFine_labelIds.png`` (label ids, 8 bit) for the splits ``train``, ``val`` and
+``test`` (test labels are dummies and are not read). Label ids map to the 19 train ids with cityscapesscripts' own
+table (``cityscapesscripts.helpers.labels``); every id that is ignored in evaluation maps to :data:`IGNORE_INDEX`.
+
+``prepare_cityscapes`` writes the three WORK files with ``"format": "cityscapes"``: the split is Cityscapes'
+official one (one fold: ``fold0_train`` = train, ``fold0_validation`` = val) and the train split is cut into two
+disjoint seeded halves (``fold0_weights`` / ``fold0_arch``) for the bilevel search.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dints3d.data.datalist import DATALIST_FILE, split_halves
+from dints3d.data.fingerprint import FINGERPRINT_FILE, PLAN_FILE
+from dints3d.errors import DintsError
+from dints3d.io import write_json
+
+FORMAT = "cityscapes"
+FORMAT_VERSION = 1
+IGNORE_INDEX = 255
+NUM_CLASSES = 19
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
+SPLITS = ("train", "val", "test")
+#: the paper's search crops (321 × 321 from half-resolution images)
+SEARCH_CROP = 321
+SEARCH_SCALE = 0.5
+#: plan fields a config's ``plan:`` section may set
+PLAN_FIELDS = ("name", "image_scale", "patch_size", "patch_divisor", "median_shape")
+
+
+def _cityscapes_labels():
+    try:
+        from cityscapesscripts.helpers.labels import labels
+    except ImportError:
+        raise DintsError("cityscapesscripts", "is not installed; pip install 'dints3d[cityscapes]'") from None
+    return labels
+
+
+@lru_cache(maxsize=1)
+def train_id_table() -> np.ndarray:
+    """Label id → train id [256] uint8 (:data:`IGNORE_INDEX` for ignored and unknown ids)."""
+    table = np.full(256, IGNORE_INDEX, np.uint8)
+    for label in _cityscapes_labels():
+        if 0 <= label.id < 256 and 0 <= label.trainId < NUM_CLASSES and not label.ignoreInEval:
+            table[label.id] = label.trainId
+    return table
+
+
+@lru_cache(maxsize=1)
+def label_id_table() -> np.ndarray:
+    """Train id → label id [256] uint8, the first label with that train id as cityscapesscripts' ``trainId2label``;
+    train ids without a class (19…255) map to 0, ``unlabeled``."""
+    table = np.zeros(256, np.uint8)
+    for label in reversed(_cityscapes_labels()):
+        if 0 <= label.trainId < NUM_CLASSES and label.id >= 0:
+            table[label.trainId] = label.id
+    return table
+
+
+@lru_cache(maxsize=1)
+def known_label_ids() -> frozenset[int]:
+    return frozenset(label.id for label in _cityscapes_labels() if label.id >= 0)
+
+
+def class_names() -> list[str]:
+    """The 19 evaluated classes in train-id order (``road``, ``sidewalk``, …, ``bicycle``)."""
+    names = {label.trainId: label.name for label in _cityscapes_labels() if 0 <= label.trainId < NUM_CLASSES}
+    return [names[i] for i in range(NUM_CLASSES)]
+
+
+def to_train_ids(label_ids: np.ndarray) -> np.ndarray:
+    """Label ids (any integer array) → train ids uint8, ignored ids → :data:`IGNORE_INDEX`."""
+    return train_id_table()[np.asarray(label_ids).astype(np.int64).clip(0, 255)]
+
+
+def to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """Train ids → label ids uint8 (what the official evaluator reads)."""
+    return label_id_table()[np.asarray(train_ids).astype(np.int64).clip(0, 255)]
+
+
+def core_name(path: str | os.PathLike) -> str:
+    """``aachen_000000_000019_leftImg8bit.png`` → ``aachen_000000_000019`` (city, sequence, frame)."""
+    return "_".join(Path(path).name.split("_")[:3])
+
+
+def is_cityscapes(folder: str | os.PathLike) -> bool:
+    """True if ``folder`` has the Cityscapes layout (``leftImg8bit/`` next to ``gtFine/``)."""
+    folder = Path(folder)
+    return (folder / "leftImg8bit").is_dir() and (folder / "gtFine").is_dir()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image; paths relative to the Cityscapes folder (``label`` None for test images)."""
+
+    case: str
+    split: str
+    image: str
+    label: str | None
+
+    def entry(self) -> dict:
+        out = {"image": self.image, "case": self.case, "split": self.split}
+        if self.label is not None:
+            out["label"] = self.label
+        return out
+
+
+def read_folder(root: str | os.PathLike) -> dict[str, list[Sample]]:
+    """Split → its images (sorted by file name). Train and val must be non-empty and every train/val image needs its
+    ``labelIds`` file; file names must follow ``<city>_<sequence>_<frame>_leftImg8bit.png``."""
+    root = Path(root)
+    if not is_cityscapes(root):
+        raise DintsError(root, "not a Cityscapes folder (needs leftImg8bit/ and gtFine/)")
+    out: dict[str, list[Sample]] = {}
+    seen: dict[str, Path] = {}
+    for split in SPLITS:
+        samples = []
+        for image in sorted((root / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}")):
+            parts = image.name[: -len(IMAGE_SUFFIX)].split("_")
+            if len(parts) != 3 or parts[0] != image.parent.name:
+                raise DintsError(image, f"not a Cityscapes file name (expected {image.parent.name}_<sequence>_<frame>"
+                                 f"{IMAGE_SUFFIX})")
+            core = "_".join(parts)
+            if core in seen:
+                raise DintsError(image, f"image '{core}' also appears as {seen[core]}")
+            seen[core] = image
+            label = None
+            if split != "test":
+                label_path = root / "gtFine" / split / image.parent.name / f"{core}{LABEL_SUFFIX}"
+                if not label_path.is_file():
+                    raise DintsError(image, f"has no label file {label_path}")
+                label = label_path.relative_to(root).as_posix()
+            samples.append(Sample(core, split, image.relative_to(root).as_posix(), label))
+        out[split] = samples
+    for split in ("train", "val"):
+        if not out[split]:
+            raise DintsError(root / "leftImg8bit" / split, f"no {split} images (<city>/*{IMAGE_SUFFIX})")
+    return out
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """(height, width) of an 8-bit RGB PNG, checked without decoding the pixels (PIL's ``verify`` reads every chunk
+    and its checksum, so truncated files are caught); DintsError otherwise."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            mode, (width, height) = image.mode, image.size
+            image.verify()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DintsError(path, f"cannot read image: {e}") from None
+    if mode != "RGB":
+        raise DintsError(path, f"must be an 8-bit RGB image, got mode {mode}")
+    return height, width
+
+
+def read_label_ids(path: Path) -> np.ndarray:
+    """Label ids [H, W] int64; DintsError for an unreadable file, several channels or an id not in the table."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            data = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DintsError(path, f"cannot read label image: {e}") from None
+    if data.ndim != 2:
+        raise DintsError(path, f"a label image must have one channel, got shape {list(data.shape)}")
+    values = np.unique(data)
+    unknown = sorted(set(int(v) for v in values) - known_label_ids())
+    if unknown:
+        raise DintsError(path, f"label ids {unknown[:5]} are not in cityscapesscripts' label table")
+    return data.astype(np.int64)
+
+
+def fingerprint(root: Path, samples: dict[str, list[Sample]], progress: bool = True) -> dict:
+    """Check every train/val image and read every label once: sizes, and train-id pixel counts of the train split."""
+    sizes: Counter = Counter()
+    counts = np.zeros(256, np.int64)
+    labelled = [s for split in ("train", "val") for s in samples[split]]
+    with tqdm(labelled, desc="prepare", unit="image", file=sys.stderr, disable=None if progress else True,
+              leave=False) as bar:
+        for sample in bar:
+            size = check_image(root / sample.image)
+            label = read_label_ids(root / sample.label)
+            if label.shape != size:
+                raise DintsError(root / sample.label, f"size {list(label.shape)} differs from the image's {list(size)}")
+            sizes[f"{size[0]}x{size[1]}"] += 1
+            if sample.split == "train":
+                counts += np.bincount(to_train_ids(label).ravel(), minlength=256)
+    names = class_names()
+    total = int(counts.sum())
+    return {
+        "version": FORMAT_VERSION,
+        "format": FORMAT,
+        "task_dir": str(root.resolve()),
+        "name": root.resolve().name,
+        "num_images": {split: len(samples[split]) for split in SPLITS},
+        "image_sizes": dict(sorted(sizes.items())),
+        "class_pixels": {names[i]: int(counts[i]) for i in range(NUM_CLASSES)},
+        "class_frequency": {names[i]: float(counts[i]) / total for i in range(NUM_CLASSES)},
+        "ignored_fraction": float(counts[IGNORE_INDEX]) / total,
+    }
+
+
+def make_plan(fp: dict, divisor: int, overrides: dict | None = None, source: str = "plan") -> dict:
+    """``plan.json``: RGB in, 19 classes out, images scaled by ``image_scale`` (the paper searches at half
+    resolution), crops of min(321, the scaled image's shorter side) rounded down to a multiple of ``divisor``."""
+    overrides = dict(overrides or {})
+    unknown = [k for k in overrides if k not in PLAN_FIELDS]
+    if unknown:
+        raise DintsError(source, f"'plan.{unknown[0]}' cannot be set for a Cityscapes task; plan fields: "
+                         f"{', '.join(PLAN_FIELDS)}")
+    scale = overrides.get("image_scale", SEARCH_SCALE)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 4:
+        raise DintsError(source, f"'plan.image_scale' must be a number in (0, 4], got {scale!r}")
+    divisor = overrides.get("patch_divisor", divisor)
+    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+        raise DintsError(source, f"'plan.patch_divisor' must be a positive integer, got {divisor!r}")
+    heights, widths = zip(*(tuple(map(int, k.split("x"))) for k, n in fp["image_sizes"].items() for _ in range(n)))
+    image_size = [int(np.median(heights)), int(np.median(widths))]
+    median = overrides.get("median_shape", [int(s * scale) for s in image_size])
+    side = max(divisor, min(SEARCH_CROP, *median) // divisor * divisor)
+    patch = overrides.get("patch_size", [side, side])
+    if not isinstance(patch, list) or len(patch) != 2 or not all(isinstance(p, int) and p > 0 for p in patch):
+        raise DintsError(source, f"'plan.patch_size' must be 2 positive integers, got {patch!r}")
+    names = class_names()
+    return {
+        "version": FORMAT_VERSION,
+        "format": FORMAT,
+        "task_dir": fp["task_dir"],
+        "name": overrides.get("name", fp["name"]),
+        "in_channels": 3,
+        "out_channels": NUM_CLASSES,
+        "class_names": names,
+        "labels": {str(i): n for i, n in enumerate(names)},
+        "ignore_index": IGNORE_INDEX,
+        "modalities": ["R", "G", "B"],
+        "normalization": [{"modality": "RGB", "scheme": "deeplab", "range": [0, 255], "to": [-1.0, 1.0]}],
+        "image_size": image_size,
+        "image_scale": float(scale),
+        "median_shape": median,
+        "patch_size": patch,
+        "patch_divisor": divisor,
+        "overrides": overrides,
+    }
+
+
+def make_datalist(root: Path, samples: dict[str, list[Sample]], seed: int = 0) -> dict:
+    """``datalist.json``: ``training`` (train split), ``validation`` (val), ``test``, and fold 0's lists."""
+    training = [s.entry() for s in samples["train"]]
+    weights, arch = split_halves(list(range(len(training))), np.random.default_rng(np.random.SeedSequence(seed)))
+    return {
+        "version": FORMAT_VERSION,
+        "format": FORMAT,
+        "task_dir": str(root.resolve()),
+        "seed": seed,
+        "num_folds": 1,
+        "training": training,
+        "validation": [s.entry() for s in samples["val"]],
+        "test": [s.entry() for s in samples["test"]],
+        "fold0_train": training,
+        "fold0_validation": [s.entry() for s in samples["val"]],
+        "fold0_weights": [training[i] for i in weights],
+        "fold0_arch": [training[i] for i in arch],
+    }
+
+
+def prepare_cityscapes(root: str | os.PathLike, work_dir: str | os.PathLike, seed: int = 0, divisor: int = 1,
+                       overrides: dict | None = None, config_source: str = "--set",
+                       progress: bool = True) -> dict[str, dict]:
+    """Validate a Cityscapes folder and write ``fingerprint.json``, ``plan.json``, ``datalist.json`` to
+    ``work_dir`` (only after everything passed); returns them as ``{"fingerprint", "plan", "datalist"}``."""
+    root, work = Path(root), Path(work_dir)
+    if work.exists() and not work.is_dir():
+        raise DintsError(work, "exists and is not a folder")
+    samples = read_folder(root)
+    outputs = {"fingerprint": fingerprint(root, samples, progress)}
+    outputs["plan"] = make_plan(outputs["fingerprint"], divisor, overrides, config_source)
+    outputs["datalist"] = make_datalist(root, samples, seed)
+    for name, file in (("fingerprint", FINGERPRINT_FILE), ("plan", PLAN_FILE), ("datalist", DATALIST_FILE)):
+        write_json(work / file, outputs[name])
+    return outputs
+
+
+def summary(outputs: dict[str, dict], work_dir: str | os.PathLike) -> str:
+    """A few human-readable lines about what ``prepare`` decided for a Cityscapes folder."""
+    fp, plan, datalist = outputs["fingerprint"], outputs["plan"], outputs["datalist"]
+    n = fp["num_images"]
+    return "\n".join([
+        f"{plan['name']} (Cityscapes): {n['train']} train + {n['val']} val + {n['test']} test images; search halves "
+        f"{len(datalist['fold0_weights'])} / {len(datalist['fold0_arch'])} (seed {datalist['seed']})",
+        f"images {' '.join(f'{k} ×{v}' for k, v in fp['image_sizes'].items())}, scaled by {plan['image_scale']:g} → "
+        f"{' × '.join(map(str, plan['median_shape']))}; crops {' × '.join(map(str, plan['patch_size']))}",
+        f"{plan['out_channels']} classes (train ids), ignore index {plan['ignore_index']} "
+        f"({100 * fp['ignored_fraction']:.1f}% of train pixels)",
+        f"wrote {', '.join(str(Path(work_dir) / f) for f in (FINGERPRINT_FILE, PLAN_FILE, DATALIST_FILE))}",
+    ])

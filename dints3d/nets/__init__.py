@@ -1,0 +1,1 @@
+"""Discrete networks built from searched architectures."""

@@ -1,0 +1,66 @@
+"""Search-time validation by the data's own metric: mean Dice for MSD volumes (``validate.validate_dice``), mean
+IoU over the whole validation set for Cityscapes (one confusion matrix, as the official evaluator). Cityscapes images
+go through the network whole, as DeepLab evaluates them, when the space takes any input size (``patch_divisor`` 1,
+e.g. Auto-DeepLab); otherwise by sliding windows of the search crop."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from dints3d.confusion import confusion_matrix, iou_per_class
+from dints3d.search.validate import validate_dice
+
+
+def validation_metric(plan: Mapping) -> tuple[str, int]:
+    """(metric name, class index of the first score): ``("dice", 1)`` (foreground classes) or ``("iou", 0)``."""
+    return ("iou", 0) if plan.get("format") == "cityscapes" else ("dice", 1)
+
+
+@torch.no_grad()
+def validate_iou(
+    model: torch.nn.Module,
+    cases: Iterable[dict],
+    num_classes: int,
+    roi_size: Sequence[int],
+    device: torch.device,
+    autocast,
+    sw_batch_size: int = 1,
+    overlap: float = 0.625,
+    whole_image: bool = False,
+) -> list[float]:
+    """IoU per class (NaN for a class neither in any truth nor predicted) over ``cases`` (dicts with ``image``
+    C×spatial and ``label`` 1×spatial, ignored pixels outside ``0..num_classes-1``), by sliding windows of
+    ``roi_size`` or, with ``whole_image``, one pass per image. Under ``torch.distributed`` the confusion matrices of all
+    ranks are summed first, so every rank returns the same scores."""
+    matrix = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for case in cases:
+            image = torch.as_tensor(case["image"]).unsqueeze(0).to(device)
+            with autocast:
+                if whole_image:
+                    logits = model(image)
+                else:
+                    logits = sliding_window_inference(image, roi_size, sw_batch_size, model, overlap=overlap,
+                                                      mode="gaussian")
+            label = torch.as_tensor(case["label"]).to(device)
+            matrix += confusion_matrix(logits.float().argmax(1), label, num_classes)
+    finally:
+        model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(matrix)
+    return iou_per_class(matrix)
+
+
+def validate_scores(plan: Mapping, model: torch.nn.Module, cases: Iterable[dict], roi_size: Sequence[int],
+                    device: torch.device, autocast, sw_batch_size: int = 1, overlap: float = 0.625) -> list[float]:
+    """Per-class scores of :func:`validation_metric`'s kind for the plan's data format."""
+    num_classes = int(plan["out_channels"])
+    if validation_metric(plan)[0] == "iou":
+        whole = getattr(model, "patch_divisor", None) == 1
+        return validate_iou(model, cases, num_classes, roi_size, device, autocast, sw_batch_size, overlap, whole)
+    return validate_dice(model, cases, num_classes, roi_size, device, autocast, sw_batch_size, overlap)
