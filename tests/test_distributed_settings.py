@@ -1,0 +1,55 @@
+"""What a search under torchrun changes per process, checked without launching one: learning rates scale with the
+world size (``search.scale_lr``), and each rank draws its own patches, seeded by their global index, so the ranks
+together read exactly the one-process sample sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import Dataset
+from monai.transforms import Compose, RandGaussianNoised, RandSpatialCropd
+
+from dints3d.config import load_config
+from dints3d.data.stream import PatchStream
+from dints3d.runtime import Runtime
+from dints3d.search.loop import SearchRun
+from dints3d.spaces.factory import build_search_space
+
+TINY = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125"]
+
+
+def _optimizers(world_size: int, scale_lr: bool) -> SearchRun:
+    """Only the optimizer set-up of a SearchRun, for a process of a ``world_size``-process run."""
+    cfg = load_config(None, [*TINY, f"search.scale_lr={str(scale_lr).lower()}"])
+    run = SearchRun.__new__(SearchRun)
+    run.cfg, run.rt = cfg, Runtime(device=torch.device("cpu"), world_size=world_size)
+    run.space = build_search_space(cfg, 1, 2)
+    run._make_optimizers()
+    return run
+
+
+@pytest.mark.parametrize("world_size, scale_lr, factor", [(1, True, 1), (4, True, 4), (4, False, 1)])
+def test_learning_rates_scale_with_the_world_size(world_size, scale_lr, factor):
+    run = _optimizers(world_size, scale_lr)
+    s = run.cfg.search
+    assert run.base_lr == pytest.approx(s.lr * factor)
+    assert run.opt_w.param_groups[0]["lr"] == pytest.approx(s.lr * factor)
+    assert set(run.opt_arch) == {"alpha", "beta"}
+    for optimizer in run.opt_arch.values():
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(s.arch_lr * factor)
+
+
+def test_ranks_read_their_own_share_of_the_one_process_sequence():
+    rng = np.random.default_rng(0)
+    items = [{"image": rng.normal(size=(1, 8, 8, 8)).astype(np.float32)} for _ in range(3)]
+    transform = Compose([RandSpatialCropd("image", roi_size=(4, 4, 4), random_size=False),
+                         RandGaussianNoised("image", prob=1.0)])
+    base = Dataset(items, transform=transform)
+    one = PatchStream(base, seed=7, stream=0, length=8)
+    ranks = [PatchStream(base, seed=7, stream=0, length=4, rank=r, world_size=2) for r in (0, 1)]
+    sequence = [np.asarray(one[k]["image"]) for k in range(8)]
+    for rank, stream in enumerate(ranks):
+        for i in range(4):
+            assert np.array_equal(np.asarray(stream[i]["image"]), sequence[2 * i + rank])
+    assert not np.array_equal(np.asarray(ranks[0][0]["image"]), np.asarray(ranks[1][0]["image"]))
