@@ -69,11 +69,8 @@ class AtomicDiskSaver(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if _rank() != 0:
             return
-        umask = os.umask(0)
-        os.umask(umask)
         with atomic_path(self.dirname / (self.filename or filename)) as tmp:
             torch.save(checkpoint, tmp)
-            os.chmod(tmp, 0o666 & ~umask)  # what a plain write would give, not the temporary file's 0600
 
     def remove(self, filename: str) -> None:
         # ignite removes the file a save replaces before writing it; a fixed name (model.pt) is replaced by the atomic
