@@ -138,3 +138,12 @@ def test_nonfinite_loss_skips_step_without_touching_parameters(work, tmp_path):
 def test_patch_size_must_fit_the_space(work, tmp_path):
     with pytest.raises(DintsError, match="multiple of 16"):
         _run(work, tmp_path / "bad", ["data.patch_size=[30,32,32]"])
+
+
+def test_resume_auto_continues_only_when_a_checkpoint_exists(tmp_path):
+    from dints3d.search.run import wants_resume
+
+    assert not wants_resume("auto", tmp_path) and not wants_resume(None, tmp_path) and wants_resume("yes", tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.prev.pt").write_bytes(b"")
+    assert wants_resume("auto", tmp_path) and not wants_resume(None, tmp_path)

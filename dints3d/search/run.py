@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dints3d.config import config_path, load_config
 from dints3d.runtime import init_runtime
@@ -15,9 +16,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder: arch.json, arch.png, checkpoints/, tensorboard/")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set search.iterations=2000 (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
+                        help="continue from RUN/checkpoints/last.pt; `--resume auto` continues when a checkpoint "
+                             "exists and starts fresh otherwise (for `torchrun --max-restarts` and job requeues)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="ITER",
                         help="stop once ITER iterations are done, leaving a resumable checkpoint (job time limits)")
+
+
+def wants_resume(mode: str | None, out: str | Path) -> bool:
+    """``--resume`` → True; ``--resume auto`` → whether ``out`` holds a checkpoint; no flag → False."""
+    if mode == "auto":
+        checkpoints = Path(out) / "checkpoints"
+        return (checkpoints / "last.pt").exists() or (checkpoints / "last.prev.pt").exists()
+    return mode == "yes"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(config_path(args.config), args.overrides)
     runtime = init_runtime(cfg.device)
-    search = SearchRun(cfg, args.work, args.out, runtime, resume=args.resume)
+    search = SearchRun(cfg, args.work, args.out, runtime, resume=wants_resume(args.resume, args.out))
     try:
         arch_path = search.run(stop_after=args.stop_after)
     finally:
