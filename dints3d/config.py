@@ -83,6 +83,8 @@ class SearchConfig:
     topology_weight: float = 0.001
     amp: bool = True  #: autocast (fp16 + GradScaler on CUDA, bf16 on CPU)
     checkpoint_cells: bool = False  #: activation checkpointing of supernet cells
+    #: DiNTS: with checkpoint_cells, checkpoint the cells of the first round(fraction × num_blocks) blocks only
+    checkpoint_fraction: float = 1.0
     val_interval: int = 1000  #: iterations between validations (and decode snapshots)
     val_sw_batch_size: int = 1
     val_overlap: float = 0.625
@@ -291,6 +293,8 @@ def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] 
               "must be 2 or 3 positive integers")
     check(0 <= s.warmup_fraction <= 1, "search.warmup_fraction", f"must be in [0, 1], got {s.warmup_fraction}")
     check(0 < s.ram_cost_factor <= 1, "search.ram_cost_factor", f"must be in (0, 1], got {s.ram_cost_factor}")
+    check(0 <= s.checkpoint_fraction <= 1, "search.checkpoint_fraction",
+          f"must be in [0, 1], got {s.checkpoint_fraction}")
     for name in ("iterations", "val_interval", "checkpoint_interval", "max_nonfinite_steps"):
         check(getattr(s, name) >= 1, f"search.{name}", "must be ≥ 1")
     check(s.lr_schedule in ("halving", "cosine"), "search.lr_schedule",

@@ -29,7 +29,7 @@ from dints3d.errors import DintsError
 from dints3d.search import regularizers as reg
 from dints3d.search.decode import decode_topology
 from dints3d.spaces.base import ARCH_FORMAT_VERSION, Architecture, SearchSpace
-from dints3d.spaces.dints_cells import accumulate, cell_forward
+from dints3d.spaces.dints_cells import accumulate, activation, cell_forward
 from dints3d.spaces.dints_topology import DintsTopology
 
 OPERATIONS_3D = ("skip_connect", "conv_3x3x3", "conv_3x3x1", "conv_3x1x3", "conv_1x3x3")
@@ -208,10 +208,11 @@ class DintsArchitecture(Architecture):
 class _SupernetTopology(TopologySearch):
     """MONAI's ``TopologySearch`` with a forward that never leaves the device and can checkpoint cells."""
 
-    def __init__(self, *args: Any, checkpoint_cells: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, checkpoint_cells: bool = False, checkpoint_fraction: float = 1.0, **kwargs: Any):
         with _quiet():
             super().__init__(*args, **kwargs)
         self.checkpoint_cells = checkpoint_cells
+        self.checkpoint_fraction = checkpoint_fraction
         # The search space keeps every path; a flat list avoids string keys and the arch_code_a read per block.
         self._cells = [[self.cell_tree[str((b, p))] for p in range(len(self.arch_code2out))] for b in range(self.num_blocks)]
 
@@ -219,13 +220,16 @@ class _SupernetTopology(TopologySearch):
         """x: ``num_depths`` tensors ``B C_d [spatial/2^d]`` → the same list after ``num_blocks`` mixed layers.
 
         Each cell runs :func:`~dints3d.spaces.dints_cells.cell_forward` with its scales η·softmax(α) (no host sync);
-        without checkpointing, ``relu`` of each node is computed once and shared by the cells reading it."""
+        without checkpointing, ``relu`` of each node is computed once and shared by the cells reading it. With
+        ``checkpoint_cells`` the cells of the first ``round(checkpoint_fraction · num_blocks)`` blocks are
+        recomputed in backward (each cell saves only its input): memory falls and time grows with the fraction."""
         eta = reg.path_probabilities(self.log_alpha_a)
         scales = F.softmax(self.log_alpha_c, dim=-1) * eta.unsqueeze(-1)  # L × P × K
-        checkpointing = self.checkpoint_cells and torch.is_grad_enabled()
+        checkpointed = round(self.checkpoint_fraction * self.num_blocks) if self.checkpoint_cells else 0
         inputs = x
         for b, cells in enumerate(self._cells):
-            relus = [None if checkpointing else torch.relu(t) for t in inputs]
+            checkpointing = b < checkpointed and torch.is_grad_enabled()
+            relus = [None if checkpointing else activation(t) for t in inputs]
             outputs: list[torch.Tensor | None] = [None] * self.num_depths
             for p, cell in enumerate(cells):
                 i, o = self.arch_code2in[p], self.arch_code2out[p]
@@ -247,6 +251,7 @@ class DintsSearchSpace(SearchSpace):
         ram_cost_factor: σ, the target of M/M_full in the memory loss.
         entropy_weight, memory_weight, topology_weight: relative weights of the regularizers (docs/search.md).
         checkpoint_cells: recompute cell activations in backward to save memory.
+        checkpoint_fraction: with ``checkpoint_cells``, the fraction of blocks (the first ones) checkpointed.
     """
 
     def __init__(
@@ -263,6 +268,7 @@ class DintsSearchSpace(SearchSpace):
         memory_weight: float = 1.0,
         topology_weight: float = 0.001,
         checkpoint_cells: bool = False,
+        checkpoint_fraction: float = 1.0,
     ):
         super().__init__()
         self.topology_space = _SupernetTopology(
@@ -272,6 +278,7 @@ class DintsSearchSpace(SearchSpace):
             spatial_dims=spatial_dims,
             use_downsample=use_downsample,
             checkpoint_cells=checkpoint_cells,
+            checkpoint_fraction=checkpoint_fraction,
         )
         self.net = DiNTS(
             dints_space=self.topology_space,
