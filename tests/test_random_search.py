@@ -1,0 +1,206 @@
+"""The random search engine (sampling mix, trials.csv, resume, budgets, top-k) and the baseline samplers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dints3d.cli import main
+from dints3d.data.prepare import prepare
+from dints3d.data.synthetic import make_msd_task
+from dints3d.errors import DintsError
+from dints3d.random_search.engine import Budget, Evaluation, RandomSearch
+from dints3d.random_search.samplers import AutoDeepLabSampler, DintsSampler, DpcSampler, MemoryLimit
+from dints3d.random_search.trials import read_rows
+from dints3d.spaces.dpc import SEP_CONV, DpcCatalog
+
+
+class FakeEvaluator:
+    """Scores a cell by its operations (no training); can stop the run at a given call, like a kill."""
+
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = [], stop_at
+
+    def __call__(self, arch, iterations, seed):
+        self.calls.append((arch.key(), iterations))
+        if self.stop_at is not None and len(self.calls) == self.stop_at:
+            raise KeyboardInterrupt
+        rates = sum(sum(b.op.size) for b in arch.branches if b.op.kind == SEP_CONV)
+        score = (rates % 17) / 17 + iterations / 1000
+        return Evaluation(score, {"rates": rates}, {"w": torch.tensor([float(rates)])})
+
+
+def _sampler():
+    return DpcSampler(DpcCatalog.default(2), 3, 4)
+
+
+def _budget(**kw):
+    return Budget(**{"trials": 10, "hours": None, "explore_ratio": 0.5, "iterations": 5, "top_k": 3,
+                     "topk_iterations": 50, "seed": 7, **kw})
+
+
+def _summary(rows):
+    return [(r.trial, r.kind, r.parent, r.key, r.score) for r in rows]
+
+
+def test_interrupted_search_resumes_without_redoing_trials(tmp_path):
+    whole = FakeEvaluator()
+    RandomSearch(tmp_path / "whole", _sampler(), whole, _budget()).run()
+    expected = read_rows(tmp_path / "whole" / "trials.csv")
+
+    first = FakeEvaluator(stop_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        RandomSearch(tmp_path / "split", _sampler(), first, _budget()).run()
+    assert len(read_rows(tmp_path / "split" / "trials.csv")) == 4  # finished trials were written as they finished
+    with pytest.raises(DintsError, match="--resume"):
+        RandomSearch(tmp_path / "split", _sampler(), FakeEvaluator(), _budget())
+    second = FakeEvaluator()
+    RandomSearch(tmp_path / "split", _sampler(), second, _budget(), resume=True).run()
+    assert len(second.calls) == 10 - 4 + 3  # the remaining trials and the top-k, nothing redone
+    assert _summary(read_rows(tmp_path / "split" / "trials.csv")) == _summary(expected)
+    assert json.loads((tmp_path / "split" / "arch.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "arch.json").read_text())
+
+
+def test_resume_with_other_settings_or_nothing_to_resume_is_refused(tmp_path):
+    RandomSearch(tmp_path / "a", _sampler(), FakeEvaluator(), _budget(trials=2, top_k=0)).run()
+    with pytest.raises(DintsError, match="'iterations' differs"):
+        RandomSearch(tmp_path / "a", _sampler(), FakeEvaluator(), _budget(iterations=6), resume=True)
+    with pytest.raises(DintsError, match="no random search to resume"):
+        RandomSearch(tmp_path / "b", _sampler(), FakeEvaluator(), _budget(), resume=True)
+    more = FakeEvaluator()  # a larger budget is fine
+    RandomSearch(tmp_path / "a", _sampler(), more, _budget(trials=4, top_k=0), resume=True).run()
+    assert len(more.calls) == 2 and len(read_rows(tmp_path / "a" / "trials.csv")) == 4
+
+
+def test_partial_last_row_is_dropped(tmp_path):
+    RandomSearch(tmp_path, _sampler(), FakeEvaluator(), _budget(trials=3, top_k=0)).run()
+    path = tmp_path / "trials.csv"
+    complete = path.read_text()
+    path.write_text(complete + '3,uniform,,0.5,1.0,"b:1×1 con')  # killed in the middle of a write
+    rows = read_rows(path)
+    assert [r.trial for r in rows] == [0, 1, 2]
+    assert path.read_text() == complete
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_explore_ratio_mixes_uniform_and_perturbed_samples(tmp_path, ratio):
+    RandomSearch(tmp_path, _sampler(), FakeEvaluator(), _budget(explore_ratio=ratio, top_k=0)).run()
+    rows = read_rows(tmp_path / "trials.csv")
+    assert rows[0].kind == "uniform"
+    if ratio == 1.0:
+        assert all(r.kind == "uniform" and r.parent is None for r in rows)
+    else:
+        for r in rows[1:]:
+            best = max(rows[: r.trial], key=lambda q: (q.score, -q.trial))
+            assert r.kind == "perturb" and r.parent == best.trial  # always near the best so far
+            parent = json.loads(json.dumps(rows[r.parent].arch))["branches"]
+            assert sum(a != b for a, b in zip(parent, r.arch["branches"])) == 1
+
+
+def test_hours_budget_stops_starting_trials(tmp_path):
+    RandomSearch(tmp_path, _sampler(), FakeEvaluator(), _budget(hours=1e-12, top_k=1)).run()
+    assert len(read_rows(tmp_path / "trials.csv")) == 1
+
+
+def test_top_k_reevaluated_with_the_longer_schedule(tmp_path):
+    evaluator = FakeEvaluator()
+    RandomSearch(tmp_path, _sampler(), evaluator, _budget()).run()
+    rows = read_rows(tmp_path / "trials.csv")
+    top = read_rows(tmp_path / "topk.csv")
+    best_short = sorted(rows, key=lambda r: (-r.score, r.trial))[:3]
+    assert [r.trial for r in top] == [r.trial for r in best_short]
+    assert [it for _, it in evaluator.calls] == [5] * 10 + [50] * 3
+    winner = max(top, key=lambda r: (r.score, -r.trial))
+    arch = json.loads((tmp_path / "arch.json").read_text())
+    assert arch["space"] == "dpc" and arch["provenance"]["trial"] == winner.trial
+    assert math.isclose(arch["provenance"]["long_score"], winner.score)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["w"].item() == winner.metrics["rates"]
+    assert (tmp_path / "trials.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "arch.png").exists()
+    table = (tmp_path / "topk.md").read_text().splitlines()
+    assert len(table) == 2 + 3 and f"| 1 | {best_short[0].trial} |" in table[2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["trials"] == 10 and summary["best_trial"] == winner.trial
+
+
+def _ratio(arch):
+    return arch.arch_code_a.mean()
+
+
+def test_dints_sampler_respects_the_memory_limit_and_stays_connected():
+    limit = MemoryLimit(_ratio, 0.5, "fraction of active paths")
+    sampler = DintsSampler(4, 3, 3, True, limit)
+    rng = np.random.default_rng(0)
+    archs = [sampler.uniform(rng) for _ in range(30)]
+    assert all(_ratio(a) <= 0.5 for a in archs)
+    assert len({sampler.key(a) for a in archs}) == 30
+    for arch in archs[:15]:
+        near = sampler.perturb(arch, rng)
+        near.check()  # connected
+        assert _ratio(near) <= 0.5
+        diff = (near.arch_code_a != arch.arch_code_a) | (near.arch_code_c != arch.arch_code_c)
+        assert diff.sum() == 1
+    with pytest.raises(DintsError, match="no random DiNTS architecture"):
+        DintsSampler(4, 3, 3, True, MemoryLimit(_ratio, 0.0, "fraction")).uniform(rng)
+
+
+def test_autodeeplab_sampler_draws_valid_networks():
+    sampler = AutoDeepLabSampler(num_layers=8, num_blocks=3, filter_multiplier=4, spatial_dims=2)
+    rng = np.random.default_rng(1)
+    archs = [sampler.uniform(rng) for _ in range(40)]
+    for arch in archs:
+        arch.check()  # a trellis path and a cell without zero operations
+        assert arch.network_path[0] in (0, 1) and arch.num_blocks == 3 and "zero" not in {op for _, op in arch.cell}
+    assert {level for a in archs for level in a.network_path} == {0, 1, 2, 3}
+    assert len({sampler.key(a) for a in archs}) == 40
+    for arch in archs[:15]:
+        near = sampler.perturb(arch, rng)
+        near.check()
+        changes = sum(x != y for x, y in zip(arch.network_path, near.network_path)) + \
+            sum(x != y for x, y in zip(arch.cell, near.cell))
+        assert changes == 1
+    with torch.no_grad():
+        assert archs[0].build(3, 5).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("random")
+    task = make_msd_task(root / "task", cases=4, test_cases=0, size=32, seed=5)
+    prepare(task, root / "work", folds=2, progress=False)
+    return root / "work"
+
+
+def test_dints_random_search_cli(work, tmp_path):
+    out = tmp_path / "run"
+    args = ["random-search", "--space", "dints", "--work", str(work), "--out", str(out), "--config", "demo"]
+    for o in ["dints.num_blocks=2", "dints.num_depths=2", "dints.channel_mul=0.125", "train.channel_mul=0.125",
+              "data.patch_size=[16,16,16]", "data.num_samples=1", "data.augment=false", "search.val_overlap=0",
+              "search.ram_cost_factor=0.6", "random_search.trials=3", "random_search.iterations=2",
+              "random_search.top_k=1", "random_search.topk_iterations=3"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    rows = read_rows(out / "trials.csv")
+    assert len(rows) == 3 and all(0 <= r.metrics["memory"] <= 0.6 for r in rows)
+    assert all(0 <= r.score <= 1 and r.metrics["parameters"] > 0 for r in rows)
+    arch = json.loads((out / "arch.json").read_text())
+    assert arch["space"] == "dints" and arch["provenance"]["search"] == "random"
+    assert (out / "trials.png").exists() and len(read_rows(out / "topk.csv")) == 1
+
+
+def test_class_scores_from_a_confusion_matrix():
+    from dints3d.confusion import confusion_matrix
+    from dints3d.random_search.train import class_scores
+
+    label = torch.tensor([0, 0, 1, 1, 1, 2, 255])
+    pred = torch.tensor([0, 1, 1, 1, 0, 0, 2])
+    scores = class_scores(confusion_matrix(pred, label, 4), "dice")
+    # class 0: tp 1, fp 2, fn 1 → IoU 1/4; class 1: tp 2, fp 1, fn 1 → Dice 4/6, IoU 2/4; class 2: tp 0 → 0;
+    # class 3 is absent from the truth → NaN, skipped by the means; the 255 pixel is not counted
+    assert scores["dice"][:2] == pytest.approx([4 / 6, 0.0]) and math.isnan(scores["dice"][2])
+    assert scores["iou"][:3] == pytest.approx([1 / 4, 2 / 4, 0.0]) and math.isnan(scores["iou"][3])
+    assert scores["score"] == pytest.approx((4 / 6 + 0.0) / 2) == scores["mean_dice"]
+    assert class_scores(confusion_matrix(pred, label, 4), "iou")["score"] == pytest.approx((1 / 4 + 0.5) / 3)
