@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from dints3d.errors import DintsError
-from dints3d.io import read_yaml
+from dints3d.io import load_yaml_text, read_yaml
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
-    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats; NaN and ±inf are not)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -202,7 +203,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise DintsError(source, f"'{key}' must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -216,7 +223,8 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+def suggest_key(key: str, valid: list[str] | tuple[str, ...], prefix: str = "") -> str:
+    """``"; did you mean '<prefix><nearest>'?"``, or the list of valid keys when none is close."""
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
 
@@ -231,7 +239,7 @@ def _merge(obj: Any, data: Any, prefix: str, source: str | None) -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if not isinstance(key, str) or key not in names:
-            raise DintsError(source, f"unknown key '{full}'{_suggest(str(key), names, prefix)}")
+            raise DintsError(source, f"unknown key '{full}'{suggest_key(str(key), names, prefix)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             updates[key] = _merge(current, value, f"{full}.", source)
@@ -251,7 +259,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise DintsError("--set", f"empty key in '{text}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_text(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -275,7 +283,7 @@ def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] 
             raise DintsError(where, f"'{key}' {problem}")
 
     check(cfg.space in SPACES, "space", f"must be one of {', '.join(SPACES)}, got '{cfg.space}'"
-          f"{_suggest(cfg.space, list(SPACES))}")
+          f"{suggest_key(cfg.space, list(SPACES))}")
     check(d.num_blocks >= 1, "dints.num_blocks", "must be ≥ 1")
     check(d.num_depths >= 1, "dints.num_depths", "must be ≥ 1")
     check(d.spatial_dims in (2, 3), "dints.spatial_dims", f"must be 2 or 3, got {d.spatial_dims}")

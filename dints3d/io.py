@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -100,8 +101,34 @@ def read_yaml(path: str | os.PathLike) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise DintsError(path, f"cannot read: {e}") from None
     try:
-        return yaml.safe_load(text)
+        return load_yaml_text(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise DintsError(path, f"invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads scientific notation as YAML 1.2 does: ``1e-3``, ``1.0e30``, ``-2E+5`` and ``.5e1``
+    are floats (YAML 1.1, which PyYAML follows, wants a dot and a signed exponent, so ``1e-3`` would be the string
+    ``'1e-3'``). Every YAML 1.1 float stays a float, and integers stay integers."""
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
+# replace the float rule in place: resolvers are tried in order, and the float rule comes before the int rule
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, _FLOAT if tag == _FLOAT_TAG else regexp) for tag, regexp in rules]
+    for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, with YAML 1.2 scientific-notation floats (:class:`YamlLoader`).
+    Every YAML the project reads from users (config files, ``--set`` values) goes through here."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 — YamlLoader is a SafeLoader

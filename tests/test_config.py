@@ -4,6 +4,7 @@ import pytest
 
 from dints3d.config import config_from_dict, config_path, config_to_dict, load_config
 from dints3d.errors import DintsError
+from dints3d.io import load_yaml_text
 
 
 def test_packaged_configs_load_and_round_trip():
@@ -35,6 +36,11 @@ def test_overrides_apply_in_order_with_yaml_values(tmp_path):
         ("", "dints.num_blocks=two", "'dints.num_blocks' must be int, got 'two'"),
         ("", "nokey", "expected key=value"),
         ("", "search.warmup_fraction=2", "'search.warmup_fraction' must be in [0, 1], got 2.0"),
+        ("", "search.iterations=1e3", "'search.iterations' must be int, got 1000.0"),  # no silent float → int
+        ("", "search.lr=.nan", "'search.lr' must be a finite number, got nan"),
+        ("search:\n  arch_lr: 1e999\n", None, "'search.arch_lr' must be a finite number, got inf"),
+        ("", "search.lr=1" + "0" * 400, "'search.lr' must be a finite number"),  # an int beyond float range
+        ("", "search.memory_budget_gb=-.inf", "'search.memory_budget_gb' must be float or NoneType, got -inf"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(tmp_path, yaml_text, override, message):
@@ -44,6 +50,24 @@ def test_bad_configs_are_refused_naming_the_key(tmp_path, yaml_text, override, m
         load_config(path, [override] if override else [])
     assert message in e.value.line()
     assert e.value.where == ("--set" if override else str(path))
+
+
+def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
+    """YAML 1.1 (PyYAML's safe_load) reads 1e-3 as the string '1e-3'; configs follow YAML 1.2 and read a float."""
+    path = tmp_path / "c.yaml"
+    path.write_text("search:\n  arch_lr: 1e-3\n  weight_decay: 4.0e-5\n  lr: 2.5E-2\n  iterations: 10\n"
+                    "data:\n  patch_size: [64, 64, 32]\nplan:\n  target_spacing: [1e0, 1e0, 2.5e0]\n")
+    cfg = load_config(path, ["search.momentum=9e-1", "search.memory_budget_gb=1.0e1", "search.lr_min=-1e-4"])
+    s = cfg.search
+    assert (s.arch_lr, s.weight_decay, s.lr, s.momentum, s.memory_budget_gb) == (1e-3, 4e-5, 2.5e-2, 0.9, 10.0)
+    assert s.lr_min == -1e-4 and cfg.plan["target_spacing"] == [1.0, 1.0, 2.5]
+    assert all(type(v) is float for v in cfg.plan["target_spacing"])
+    # integers stay integers
+    assert type(s.iterations) is int and cfg.data.patch_size == [64, 64, 32]
+    assert all(type(v) is int for v in cfg.data.patch_size)
+    assert load_yaml_text("[1, -2, 0x10, 1_000, 1.5, 1e3, .5e-1, -2E+2, .inf, 1e, e3, 1.2.3]")[:8] == [
+        1, -2, 16, 1000, 1.5, 1000.0, 0.05, -200.0]
+    assert [type(v) for v in load_yaml_text("[1, 1e3, 1e, e3, 1.2.3]")] == [int, float, str, str, str]
 
 
 def test_unknown_config_name_is_refused():
