@@ -7,9 +7,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
@@ -74,6 +75,70 @@ def write_yaml(target: str | os.PathLike, data: Any) -> Path:
     """Atomically write ``data`` as block-style YAML."""
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     return write_atomic(target, lambda p: p.write_text(text))
+
+
+def write_texts_together(folder: str | os.PathLike, texts: Mapping[str, str]) -> list[Path]:
+    """Write ``{file name: text}`` into ``folder`` as one group, as far as a file system allows.
+
+    Every file is first written to a temporary file and fsynced; a failure there leaves the old files untouched.
+    Then each temporary file is renamed over its target while the file it replaces stays reachable under a
+    temporary name (a hard link), so a failing rename puts every old file back. Only a kill in the microseconds
+    between two renames can leave old and new files mixed. Any OSError becomes a DintsError naming the file.
+    """
+    folder = Path(folder)
+    current = folder
+    temps: dict[Path, Path] = {}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            current = folder / name
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            temps[current] = Path(tmp)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+        current = folder
+        _rename_all(temps)
+    except OSError as e:
+        raise DintsError(current, f"cannot write ({e.strerror or e}); the files already there are unchanged") from None
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    return list(temps)
+
+
+def _rename_all(temps: dict[Path, Path]) -> None:
+    """Rename each temporary file over its target; on a failure restore every target replaced so far."""
+    replaced: list[tuple[Path, Path | None]] = []  # (target, the old file kept aside, or None if there was none)
+    try:
+        for target, tmp in temps.items():
+            old = None
+            if target.exists():
+                fd, name = tempfile.mkstemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent)
+                os.close(fd)
+                old = Path(name)
+                old.unlink()
+                try:
+                    os.link(target, old)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(target, old)
+            replaced.append((target, old))
+            os.replace(tmp, target)
+    except OSError:
+        for target, old in reversed(replaced):
+            with contextlib.suppress(OSError):
+                if old is None:
+                    target.unlink(missing_ok=True)
+                else:
+                    os.replace(old, target)
+        raise
+    finally:
+        for _, old in replaced:
+            if old is not None:
+                old.unlink(missing_ok=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,5 +1,5 @@
-"""Property-based fuzzing of the parsers users feed files to: a random or mutated dataset.json, arch.json or config
-file gives a valid result or a DintsError (one clean line), never another exception."""
+"""Property-based fuzzing of the parsers users feed files to: a random or mutated dataset.json, arch.json, config
+file or config ``plan:`` section gives a valid result or a DintsError (one clean line), never another exception."""
 
 import json
 import shutil
@@ -10,7 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dints3d.config import load_config
+from dints3d.data.dataset import load_plan
+from dints3d.data.fingerprint import PLAN_FIELDS, check_overrides, check_overrides_for_task, make_plan
 from dints3d.data.msd import read_task
+from dints3d.data.prepare import prepare, summary
 from dints3d.data.synthetic import make_msd_task
 from dints3d.errors import DintsError
 from dints3d.spaces.base import architecture_from_dict
@@ -127,3 +130,76 @@ def test_random_config_text_and_overrides(tmp_path_factory, text, overrides):
     path = tmp_path_factory.mktemp("c") / "config.yaml"
     path.write_text(text)
     _must_be_clean(lambda: load_config(path, overrides))
+
+
+# ---- plan overrides: a config's plan: section reaches make_plan (prepare) and load_plan (search, training) ----
+
+plan_values = st.one_of(
+    json_values,
+    st.lists(st.integers(-40, 200) | st.floats(-1, 200) | st.just(float("nan")), max_size=4),
+    st.sampled_from(["RAS", "LPS", "RAA", "", "CT", "MR", None, 0, 2, 3, 32]),
+    st.lists(st.fixed_dictionaries(
+        {"modality": st.sampled_from(["CT", "MR", "", 3]), "scheme": st.sampled_from(["ct", "zscore_nonzero", "z"])},
+        optional={"clip": st.lists(st.floats(-2000, 2000) | st.just(float("inf")), max_size=3), "mean": st.floats(),
+                  "std": st.floats(), "cilp": st.none()}), max_size=3),
+    st.lists(st.sampled_from(["background", "organ", "lesion", "", 1]), max_size=4),
+    st.dictionaries(st.sampled_from(["0", "1", "2", "3"]) | st.integers(0, 3), st.sampled_from(["bg", "a", "b", ""]),
+                    max_size=4),
+)
+plan_keys = st.sampled_from(PLAN_FIELDS) | st.text(max_size=8)
+
+
+@pytest.fixture(scope="module")
+def prepared(task, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    return prepare(task, work, folds=2, progress=False), work
+
+
+def _outcome(call):
+    """(result, True) or (None, False) for a DintsError with a one-line message; any other exception fails."""
+    try:
+        return call(), True
+    except DintsError as e:
+        assert e.line() and "\n" not in e.line()
+        return None, False
+
+
+def _near_valid_overrides(plan: dict):
+    """Some fields of a valid plan, as they are or with one entry replaced, deleted or retyped."""
+    @st.composite
+    def draw(draw):
+        keys = draw(st.lists(st.sampled_from(PLAN_FIELDS), min_size=1, max_size=5, unique=True))
+        document = {k: plan[k] for k in keys}
+        return draw(st.just(document) | _mutations(document))
+
+    return draw()
+
+
+@FUZZ
+@given(data=st.data(), divisor=st.sampled_from([8, 16, 32]))
+def test_plan_overrides_give_a_valid_plan_or_one_line(prepared, data, divisor):
+    outputs, work = prepared
+    fp = outputs["fingerprint"]
+    overrides = data.draw(st.dictionaries(plan_keys, plan_values, max_size=4)
+                          | _near_valid_overrides(outputs["plan"]))
+    _, early_ok = _outcome(lambda: check_overrides_for_task(overrides, "--set", fp["modalities"], fp["labels"],
+                                                            divisor))
+    plan, ok = _outcome(lambda: make_plan(fp, divisor, overrides, "--set"))
+    if ok:
+        assert early_ok  # prepare's check before reading cases refuses nothing that make_plan would accept
+        check_overrides({k: plan[k] for k in PLAN_FIELDS}, "plan.json")  # every field of the result well-formed
+        assert all(p % plan["patch_divisor"] == 0 for p in plan["patch_size"])
+        json.dumps(plan, allow_nan=False)
+        assert summary({**outputs, "plan": plan}, work)
+    _outcome(lambda: load_plan(work, overrides, "--set"))
+
+
+@FUZZ
+@given(key=plan_keys, text=st.text(max_size=40) | plan_values.map(json.dumps))
+def test_plan_set_text_reaches_the_plan(prepared, key, text):
+    """``--set plan.KEY=TEXT`` through the config parser into the plan, as ``dints3d prepare`` does."""
+    outputs, work = prepared
+    cfg, ok = _outcome(lambda: load_config(None, [f"plan.{key}={text}"]))
+    if ok:
+        _outcome(lambda: make_plan(outputs["fingerprint"], 32, cfg.plan, "--set"))
+        _outcome(lambda: load_plan(work, cfg.plan, "--set"))

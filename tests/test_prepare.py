@@ -16,6 +16,7 @@ from dints3d.data.fingerprint import ForegroundIntensity, FingerprintBuilder, pa
 from dints3d.data.msd import load_image, load_label, read_task
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
+from dints3d.errors import DintsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,16 +177,102 @@ def test_config_overrides_plan_and_divisor(ct_task, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, problem", [
-    ("plan.patch_sise=[64,64,64]", "unknown plan field 'plan.patch_sise'"),
+    ("plan.patch_sise=[64,64,64]", "unknown plan field 'plan.patch_sise'; did you mean 'plan.patch_size'?"),
+    ("plan.normalisation=[]", "did you mean 'plan.normalization'?"),
     ("plan.patch_size=[64,64,40]", "divisible by the network's patch divisor 32"),
+    ("plan.patch_size=[64.5,64,64]", "'plan.patch_size' must be a list of 3 positive integers, got [64.5, 64, 64]"),
+    ("plan.patch_divisor=0", "'plan.patch_divisor' must be a positive integer, got 0"),
     ("plan.target_spacing=[1,1]", "'plan.target_spacing' must be a list of 3 positive numbers"),
+    ("plan.target_spacing=[1,1,.nan]", "'plan.target_spacing' must be a list of 3 positive numbers"),
+    ("plan.median_shape=[0,10,10]", "'plan.median_shape' must be a list of 3 positive numbers"),
+    ("plan.normalization=foo", "'plan.normalization' must be a list of {\"modality\", \"scheme\"} entries"),
+    ("plan.normalization=[{modality: CT, scheme: zscore}]",
+     "'plan.normalization[0].scheme' must be 'ct' or 'zscore_nonzero', got 'zscore'"),
+    ("plan.normalization=[{modality: CT, scheme: ct, clip: [5, 1], mean: 0, std: 1}]",
+     "'plan.normalization[0].clip' must be [low, high] with low < high"),
+    ("plan.normalization=[{modality: CT, scheme: ct, clip: [1, 5], mean: 0, std: 0}]",
+     "'plan.normalization[0].std' must be a positive number, got 0"),
+    ("plan.normalization=[{modality: CT, scheme: zscore_nonzero, clipp: 1}]",
+     "'plan.normalization[0]' has unknown key 'clipp'; did you mean 'clip'?"),
+    ("plan.normalization=[{modality: MR, scheme: zscore_nonzero}]",
+     "'plan.normalization' is for modalities ['MR'] but plan.modalities is ['CT']"),
+    ("plan.normalization=[{modality: CT, scheme: zscore_nonzero}, {modality: CT, scheme: zscore_nonzero}]",
+     "'plan.normalization' has 2 entries but the images have 1 channel(s)"),
+    ("plan.in_channels=abc", "'plan.in_channels' must be a positive integer, got 'abc'"),
+    ("plan.in_channels=2", "'plan.in_channels' is 2 but the images have 1 channel(s)"),
+    ("plan.out_channels=7", "'plan.out_channels' is 7 but the task declares 3 labels (background, organ, lesion)"),
+    ("plan.class_names=[background]", "'plan.class_names' must be a list of ≥ 2 non-empty names"),
+    ("plan.class_names=[bg, a, b, c]", "'plan.class_names' has 4 names but the task declares 3 labels (0–2)"),
+    ("plan.labels={0: bg, 2: b}", "'plan.labels' must map \"0\", \"1\", … (≥ 2 labels, none missing)"),
+    ("plan.modalities=[CT, MR]", "'plan.modalities' has 2 entries but the images have 1 channel(s)"),
+    ("plan.orientation=RAA", "'plan.orientation' must be 3 axis letters, one of L/R, A/P, S/I each"),
+    ("plan.anisotropic_axis=3", "'plan.anisotropic_axis' must be null or 0 … 2, got 3"),
+    ("plan.name=", "'plan.name' must be a non-empty string, got None"),
 ])
-def test_bad_plan_override_is_refused(ct_task, tmp_path, capsys, override, problem):
+def test_bad_plan_override_is_refused_before_any_case_is_read(ct_task, tmp_path, capsys, monkeypatch, override,
+                                                              problem):
+    def no_reading(*_):
+        raise AssertionError("a case was read before the plan overrides were checked")
+
+    monkeypatch.setattr("dints3d.data.prepare.load_image", no_reading)
     assert main(["prepare", "--task", str(ct_task), "--out", str(tmp_path / "w"), "--folds", "2",
                  "--set", override]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --set: ") and problem in err
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --set: ") and problem in err and len(err.splitlines()) == 1, err
+    assert out == "" and not (tmp_path / "w").exists()
+
+
+def test_bad_plan_override_leaves_the_previous_work_intact(ct_task, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert main(["prepare", "--task", str(ct_task), "--out", str(work), "--folds", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    for override in ("plan.normalization=foo", "plan.out_channels=7", "plan.in_channels=abc"):
+        assert main(["prepare", "--task", str(ct_task), "--out", str(work), "--folds", "2", "--set", override]) == 2
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+    assert capsys.readouterr().err.count("error: --set: ") == 3
+
+
+def test_plan_errors_name_the_file_or_set_that_gave_the_key(ct_task, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("plan:\n  orientation: LPS\n  class_names: [background, organ]\n")
+    argv = ["prepare", "--task", str(ct_task), "--out", str(tmp_path / "w"), "--folds", "2", "--config", str(config)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {config}: 'plan.class_names' has 2 names")
+    assert main([*argv, "--set", "plan.class_names=[bg, organ, lesion]", "--set", "plan.out_channels=4"]) == 2
+    assert capsys.readouterr().err.startswith("error: --set: 'plan.out_channels' is 4")
     assert not (tmp_path / "w").exists()
+
+
+def test_tied_plan_fields_follow_an_override(ct_task, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert main(["prepare", "--task", str(ct_task), "--out", str(work), "--folds", "2",
+                 "--set", "plan.class_names=[bg, liver, tumour]", "--set", "plan.modalities=[MR]",
+                 "--set", "plan.target_spacing=[1e0, 1e0, 1.5e0]"]) == 0
+    plan = read_plan(work)
+    assert plan["labels"] == {"0": "bg", "1": "liver", "2": "tumour"} and plan["out_channels"] == 3
+    assert plan["normalization"] == [{"modality": "MR", "scheme": "zscore_nonzero"}]  # MR: no CT clipping
+    assert plan["target_spacing"] == [1.0, 1.0, 1.5]
+    assert "normalization: MR zscore_nonzero" in capsys.readouterr().out
+
+    assert main(["prepare", "--task", str(ct_task), "--out", str(work), "--folds", "2",
+                 "--set", "plan.labels={0: background, 1: liver, 2: tumour}"]) == 0
+    assert read_plan(work)["class_names"] == ["background", "liver", "tumour"]
+
+
+def test_load_plan_checks_overrides_against_the_prepared_data(mri_work):
+    from dints3d.data.dataset import load_plan
+
+    plan = load_plan(mri_work, {"class_names": ["bg", "a", "b", "c"], "patch_size": [32, 32, 32]})
+    assert plan["labels"] == {"0": "bg", "1": "a", "2": "b", "3": "c"} and plan["patch_size"] == [32, 32, 32]
+    for overrides, problem in [
+        ({"patch_sise": [32, 32, 32]}, "unknown plan field 'plan.patch_sise'; did you mean 'plan.patch_size'?"),
+        ({"in_channels": 3}, "'plan.in_channels' is 3 but the images have 2 channel(s)"),
+        ({"normalization": "foo"}, "'plan.normalization' must be a list"),
+        ({"modalities": ["T1", "T2"]}, "'plan.modalities' is ['T1', 'T2'] but the plan's normalization is for"),
+    ]:
+        with pytest.raises(DintsError) as e:
+            load_plan(mri_work, overrides, "config.yaml")
+        assert e.value.line().startswith("config.yaml: ") and problem in e.value.line()
 
 
 def test_datalist_loads_with_monai(mri_task, mri_work):

@@ -1,10 +1,14 @@
 """Corrupted tasks: ``dints3d prepare`` exits 2 with one line ``error: <file>: <problem>`` naming the offending file,
 no traceback, and writes nothing (a fresh WORK stays absent, an existing WORK keeps its files byte for byte)."""
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -100,6 +104,26 @@ def nan_voxels(task):
     return _rewrite(task, IMAGE, poke), "2 NaN or infinite voxels"
 
 
+def inf_label(task):
+    def poke(a, aff):
+        a = a.astype(np.float32)
+        a[1, 1, 1] = np.inf
+        return a, aff
+    return _rewrite(task, LABEL, poke), "label contains NaN/Inf"
+
+
+def nan_label(task):
+    def poke(a, aff):
+        a = a.astype(np.float32)
+        a[1, 1, 1] = np.nan
+        return a, aff
+    return _rewrite(task, LABEL, poke), "label contains NaN/Inf"
+
+
+def complex_image(task):
+    return _rewrite(task, IMAGE, lambda a, aff: (a.astype(np.complex64), aff)), "image is complex-valued (complex64)"
+
+
 def image_2d(task):
     return _rewrite(task, IMAGE, lambda a, aff: (a[:, :, 0], aff)), "(2D); expected 3D"
 
@@ -129,7 +153,8 @@ def duplicate_in_test_set(task):
 
 
 CORRUPTIONS = [missing_key, invalid_json, missing_dataset_json, label_not_found, missing_test_image, truncated,
-               not_gzip, label_shape, affine_mismatch, label_value, nan_voxels, image_2d, modality_count,
+               not_gzip, label_shape, affine_mismatch, label_value, nan_voxels, inf_label, nan_label, complex_image,
+               image_2d, modality_count,
                empty_training, duplicate_case, duplicate_case_id, duplicate_in_test_set]
 
 
@@ -182,6 +207,14 @@ def test_existing_work_is_left_intact(task, good_work, tmp_path, capsys, corrupt
     assert _snapshot(work) == before
 
 
+def test_inf_label_gives_no_warning(task, tmp_path, capsys):
+    path, problem = inf_label(task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the old int64 cast of Inf raised "invalid value encountered in cast"
+        assert main(["prepare", "--task", str(task), "--out", str(tmp_path / "work"), "--folds", "2"]) == 2
+    _assert_one_error_line(capsys.readouterr().err, path, problem)
+
+
 @pytest.mark.parametrize("argv, where, problem", [
     (["--folds", "6"], "--folds", "6 folds need at least 6 training cases, the task has 4"),
     (["--folds", "1"], "--folds", "need at least 2 folds"),
@@ -194,7 +227,7 @@ def test_bad_options(task, tmp_path, capsys, argv, where, problem):
     assert not (tmp_path / "work").exists()
 
 
-@pytest.mark.parametrize("corrupt", [truncated, invalid_json], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("corrupt", [truncated, invalid_json, inf_label], ids=lambda f: f.__name__)
 def test_subprocess_prints_no_traceback(task, tmp_path, corrupt):
     path, problem = corrupt(task)
     result = subprocess.run([sys.executable, "-m", "dints3d", "prepare", "--task", str(task), "--out",
@@ -202,3 +235,75 @@ def test_subprocess_prints_no_traceback(task, tmp_path, corrupt):
     assert result.returncode == 2
     _assert_one_error_line(result.stderr, path, problem)
     assert result.stdout == "" and not (tmp_path / "work").exists()
+
+
+def _no_case_read(monkeypatch):
+    def fail(*_):
+        raise AssertionError("a case was read before the output folder was checked")
+
+    monkeypatch.setattr("dints3d.data.prepare.load_image", fail)
+
+
+def test_output_folder_inside_a_file_is_refused_before_work(task, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    _no_case_read(monkeypatch)
+    for out, problem in ((blocker / "w", f"cannot create the output folder: {blocker} is a file, not a folder"),
+                         (blocker / "w" / "deeper", f"{blocker} is a file, not a folder"),
+                         (blocker, "exists and is not a folder")):
+        assert main(["prepare", "--task", str(task), "--out", str(out), "--folds", "2"]) == 2
+        _assert_one_error_line(capsys.readouterr().err, out, problem)
+    assert blocker.read_text() == "x"
+
+
+def test_unwritable_output_folder_is_refused_before_work(task, tmp_path, capsys, monkeypatch):
+    _no_case_read(monkeypatch)
+    # root may write anywhere, so a read-only file system is simulated where access(2) would report it
+    monkeypatch.setattr("dints3d.data.prepare.os.access", lambda path, mode: Path(path) != tmp_path)
+    out = tmp_path / "work"
+    assert main(["prepare", "--task", str(task), "--out", str(out), "--folds", "2"]) == 2
+    _assert_one_error_line(capsys.readouterr().err, out, f"cannot write in {tmp_path}, where the output folder")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_folder_is_refused(task, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert main(["prepare", "--task", str(task), "--out", str(locked), "--folds", "2"]) == 2
+    _assert_one_error_line(capsys.readouterr().err, locked, "cannot write in the output folder")
+
+
+def _full_disk(monkeypatch, module, function: str, hits) -> None:
+    """Make ``module.function`` raise ENOSPC for the calls ``hits(*args, **kwargs)`` picks (a simulated full disk)."""
+    real = getattr(module, function)
+
+    def failing(*args, **kwargs):
+        if hits(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, function, failing)
+
+
+@pytest.mark.parametrize("stage", ["temporary datalist.json", "rename of plan.json"])
+def test_failed_write_leaves_the_previous_files_and_no_temporaries(task, good_work, tmp_path, capsys, monkeypatch,
+                                                                   stage):
+    """The three files land as a group: a failure while writing the temporary files or while renaming them over
+    the old ones leaves every old file byte for byte, and no temporary file."""
+    work = Path(shutil.copytree(good_work, tmp_path / "work"))
+    before = _snapshot(work)
+    _edit_json(task, lambda d: d.update(name="renamed"))  # so that every new file differs from the old one
+    if stage.startswith("temporary"):  # the third temporary file cannot be created
+        _full_disk(monkeypatch, tempfile, "mkstemp", lambda *a, prefix="", **k: prefix == ".datalist.json.")
+    else:  # fingerprint.json is already replaced when plan.json's rename fails
+        _full_disk(monkeypatch, os, "replace", lambda src, dst: Path(dst).name == "plan.json")
+    assert main(["prepare", "--task", str(task), "--out", str(work), "--folds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "unchanged" in err, err
+    assert _snapshot(work) == before  # no new file, no .tmp left
+
+    monkeypatch.undo()
+    assert main(["prepare", "--task", str(task), "--out", str(work), "--folds", "2"]) == 0
+    assert all(json.loads((work / f).read_text()).get("name", "renamed") == "renamed" for f in before)
+    assert sorted(p.name for p in work.iterdir()) == sorted(before)

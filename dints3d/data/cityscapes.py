@@ -12,6 +12,7 @@ disjoint seeded halves (``fold0_weights`` / ``fold0_arch``) for the bilevel sear
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import Counter
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from dints3d.data.datalist import DATALIST_FILE, split_halves
 from dints3d.data.fingerprint import FINGERPRINT_FILE, PLAN_FILE
 from dints3d.errors import DintsError
-from dints3d.io import write_json
+from dints3d.io import write_texts_together
 
 FORMAT = "cityscapes"
 FORMAT_VERSION = 1
@@ -291,8 +292,8 @@ def prepare_cityscapes(root: str | os.PathLike, work_dir: str | os.PathLike, see
     outputs = {"fingerprint": fingerprint(root, samples, progress)}
     outputs["plan"] = make_plan(outputs["fingerprint"], divisor, overrides, config_source)
     outputs["datalist"] = make_datalist(root, samples, seed)
-    for name, file in (("fingerprint", FINGERPRINT_FILE), ("plan", PLAN_FILE), ("datalist", DATALIST_FILE)):
-        write_json(work / file, outputs[name])
+    write_texts_together(work, {file: json.dumps(outputs[name], indent=2, allow_nan=False) + "\n" for name, file in
+                                (("fingerprint", FINGERPRINT_FILE), ("plan", PLAN_FILE), ("datalist", DATALIST_FILE))})
     return outputs
 
 

@@ -9,19 +9,27 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
 
+from dints3d.data.cityscapes import FORMAT as CITYSCAPES
+from dints3d.data.cityscapes import PLAN_FIELDS as CITYSCAPES_FIELDS
 from dints3d.data.datalist import read_datalist
-from dints3d.data.fingerprint import read_plan
+from dints3d.data.fingerprint import PLAN_FIELDS, apply_overrides, check_overrides, read_plan
 from dints3d.errors import DintsError
 
 
-def load_plan(work: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> dict:
-    """``WORK/plan.json`` with a config's ``plan:`` overrides applied (unknown fields refused)."""
+def load_plan(work: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
+              source: str | Mapping[str, str] = "plan") -> dict:
+    """``WORK/plan.json`` with a config's ``plan:`` overrides applied, checked as ``dints3d prepare`` checks them
+    (unknown field → the nearest one, type, range, agreement with the prepared data). Overrides replace fields as
+    given; derived fields (patch from spacing, normalization from modalities) follow only in ``prepare``."""
     plan = read_plan(work)
-    for key, value in (overrides or {}).items():
-        if key not in plan:
-            raise DintsError("plan", f"unknown plan field '{key}' (fields: {', '.join(sorted(plan))})")
-        plan[key] = value
-    return plan
+    if not overrides:
+        return plan
+    if plan.get("format") == CITYSCAPES:
+        check_overrides(dict(overrides), source, CITYSCAPES_FIELDS, dims=2)
+        plan.update(overrides)
+        return plan
+    check_overrides(dict(overrides), source, PLAN_FIELDS, dims=len(plan["patch_size"]))
+    return apply_overrides(plan, overrides, source, int(plan["in_channels"]), len(plan["labels"]))
 
 
 def load_items(work: str | os.PathLike, key: str, max_cases: int | None = None) -> list[dict]:

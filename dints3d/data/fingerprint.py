@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from dints3d.config import suggest_key
 from dints3d.data.msd import Case, Task, Volume
 from dints3d.errors import DintsError
 from dints3d.io import read_json
@@ -143,53 +145,219 @@ def patch_size(median_shape: list[float], divisor: int, max_side: int = MAX_PATC
     return [max(divisor, min(cap, math.ceil(m / divisor) * divisor)) for m in median_shape]
 
 
-def normalization(fingerprint: dict) -> list[dict]:
+def normalization(fingerprint: dict, modalities: list[str] | None = None) -> list[dict]:
     """One entry per input channel: CT → ``ct`` (clip to foreground percentiles, dataset z-score), else
-    ``zscore_nonzero`` (per image and channel, over non-zero voxels)."""
+    ``zscore_nonzero`` (per image and channel, over non-zero voxels). ``modalities`` renames the channels (a
+    ``plan.modalities`` override), else the fingerprint's names are used."""
     out = []
-    for stats in fingerprint["intensity"]:
-        if stats["modality"].upper() == "CT":
-            out.append({"modality": stats["modality"], "scheme": "ct",
+    for c, stats in enumerate(fingerprint["intensity"]):
+        modality = stats["modality"] if modalities is None else modalities[c]
+        if modality.upper() == "CT":
+            out.append({"modality": modality, "scheme": "ct",
                         "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
                         "mean": stats["mean"], "std": stats["std"]})
         else:
-            out.append({"modality": stats["modality"], "scheme": "zscore_nonzero"})
+            out.append({"modality": modality, "scheme": "zscore_nonzero"})
     return out
 
 
-def check_overrides(overrides: dict, source: str) -> None:
-    """Refuse a config ``plan:`` key that is not a plan field, or a malformed patch size, spacing, median shape or
-    divisor."""
-    unknown = [k for k in overrides if k not in PLAN_FIELDS]
-    if unknown:
-        raise DintsError(source, f"unknown plan field 'plan.{unknown[0]}'; plan fields: {', '.join(PLAN_FIELDS)}")
-    for key in ("patch_size", "target_spacing", "median_shape"):
-        value = overrides.get(key)
-        if value is not None and (not isinstance(value, list) or len(value) != 3
-                                  or not all(isinstance(v, (int, float)) and v > 0 for v in value)):
-            raise DintsError(source, f"'plan.{key}' must be a list of 3 positive numbers, got {value!r}")
-    divisor = overrides.get("patch_divisor", 1)
-    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
-        raise DintsError(source, f"'plan.patch_divisor' must be a positive integer, got {divisor!r}")
+# ---- plan overrides: every field a config's ``plan:`` section sets is checked before anything is written ----
+
+def where(source: str | Mapping[str, str], key: str) -> str:
+    """The config file (or ``--set``) that set plan field ``key``."""
+    return source if isinstance(source, str) else source.get(key, "plan")
 
 
-def make_plan(fingerprint: dict, divisor: int, overrides: dict | None = None, source: str = "plan") -> dict:
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _names(value: Any, least: int) -> bool:
+    return isinstance(value, list) and len(value) >= least and all(_name(v) for v in value)
+
+
+def _labels(value: Any) -> bool:
+    """``{"0": name, "1": name, …}``; YAML's unquoted ``0: background`` (int keys) is accepted too."""
+    return (isinstance(value, dict) and len(value) >= 2 and all(isinstance(k, (str, int)) for k in value)
+            and not any(isinstance(k, bool) for k in value)
+            and {str(k) for k in value} == {str(i) for i in range(len(value))} and all(map(_name, value.values())))
+
+
+def _orientation(value: Any) -> bool:
+    return (isinstance(value, str) and len(value) == 3
+            and all(sum(c in pair for c in value) == 1 for pair in ("LR", "AP", "SI")))
+
+
+def _sizes(value: Any, dims: int, integers: bool) -> bool:
+    ok = _integer if integers else _finite
+    return isinstance(value, list) and len(value) == dims and all(ok(v) and v > 0 for v in value)
+
+
+#: plan field → (is the value well-formed, for ``dims`` spatial axes; what it must be)
+FIELD_RULES: dict[str, tuple[Callable[[Any, int], bool], str]] = {
+    "name": (lambda v, d: _name(v), "must be a non-empty string"),
+    "in_channels": (lambda v, d: _integer(v) and v >= 1, "must be a positive integer"),
+    "out_channels": (lambda v, d: _integer(v) and v >= 2, "must be an integer ≥ 2 (background and ≥ 1 class)"),
+    "class_names": (lambda v, d: _names(v, 2), "must be a list of ≥ 2 non-empty names, background first"),
+    "labels": (lambda v, d: _labels(v), 'must map "0", "1", … (≥ 2 labels, none missing) to non-empty names'),
+    "modalities": (lambda v, d: _names(v, 1), "must be a list of non-empty modality names, one per channel"),
+    "orientation": (lambda v, d: _orientation(v), 'must be 3 axis letters, one of L/R, A/P, S/I each, e.g. "RAS"'),
+    "target_spacing": (lambda v, d: _sizes(v, d, integers=False), "must be a list of {dims} positive numbers"),
+    "spacing_rule": (lambda v, d: isinstance(v, str), "must be a string"),
+    "anisotropic_axis": (lambda v, d: v is None or (_integer(v) and 0 <= v < d), "must be null or 0 … {last}"),
+    "median_shape": (lambda v, d: _sizes(v, d, integers=False), "must be a list of {dims} positive numbers"),
+    "patch_size": (lambda v, d: _sizes(v, d, integers=True), "must be a list of {dims} positive integers"),
+    "patch_divisor": (lambda v, d: _integer(v) and v >= 1, "must be a positive integer"),
+    "image_scale": (lambda v, d: _finite(v) and 0 < v <= 4, "must be a number in (0, 4]"),  # Cityscapes plans
+}
+NORMALIZATION_SCHEMES = ("ct", "zscore_nonzero")
+_NORMALIZATION_KEYS = ("modality", "scheme", "clip", "mean", "std")
+
+
+def _normalization_problem(value: Any) -> tuple[str, str] | None:
+    """(sub-key, problem) for a malformed ``normalization`` list, or None."""
+    if not isinstance(value, list) or not value:
+        return "", f'must be a list of {{"modality", "scheme"}} entries, one per channel, got {_show(value)}'
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or not _name(entry.get("modality")):
+            return f"[{i}]", f'must be a mapping with a "modality" name and a "scheme", got {_show(entry)}'
+        unknown = [k for k in entry if k not in _NORMALIZATION_KEYS]
+        if unknown:
+            return f"[{i}]", f"has unknown key '{unknown[0]}'{suggest_key(str(unknown[0]), _NORMALIZATION_KEYS)}"
+        scheme = entry.get("scheme")
+        if scheme not in NORMALIZATION_SCHEMES:
+            return f"[{i}].scheme", f"must be 'ct' or 'zscore_nonzero', got {_show(scheme)}"
+        if scheme == "ct":
+            clip, std = entry.get("clip"), entry.get("std")
+            if not (isinstance(clip, list) and len(clip) == 2 and all(map(_finite, clip)) and clip[0] < clip[1]):
+                return f"[{i}].clip", f"must be [low, high] with low < high, got {_show(clip)}"
+            if not _finite(entry.get("mean")):
+                return f"[{i}].mean", f"must be a finite number, got {_show(entry.get('mean'))}"
+            if not (_finite(std) and std > 0):
+                return f"[{i}].std", f"must be a positive number, got {_show(std)}"
+    return None
+
+
+def check_overrides(overrides: Any, source: str | Mapping[str, str], fields: tuple[str, ...] = PLAN_FIELDS,
+                    dims: int = 3) -> None:
+    """Refuse a config ``plan:`` section with a key that is not one of ``fields`` (naming the nearest field) or a
+    value of the wrong type or range. Needs no data, so ``prepare`` runs it before reading any case."""
+    if not isinstance(overrides, dict):
+        raise DintsError(where(source, ""), f"'plan' must be a mapping of plan fields, got {_show(overrides)}")
+    for key, value in overrides.items():
+        if key not in fields:
+            raise DintsError(where(source, str(key)),
+                             f"unknown plan field 'plan.{key}'{suggest_key(str(key), fields, 'plan.')}")
+        if key == "normalization":
+            problem = _normalization_problem(value)
+            if problem:
+                raise DintsError(where(source, key), f"'plan.normalization{problem[0]}' {problem[1]}")
+            continue
+        ok, rule = FIELD_RULES[key]
+        if not ok(value, dims):
+            raise DintsError(where(source, key),
+                             f"'plan.{key}' {rule.format(dims=dims, last=dims - 1)}, got {_show(value)}")
+
+
+def apply_overrides(plan: dict, overrides: Mapping[str, Any], source: str | Mapping[str, str], channels: int,
+                    classes: int) -> dict:
+    """Set the overridden fields of an MSD ``plan`` (in place; also returned) and make the ones tied to them follow:
+    ``labels`` ↔ ``class_names``. Then refuse an override that disagrees with the data (``channels`` image
+    channels, ``classes`` declared labels) or with another field. Types are checked by :func:`check_overrides`."""
+    plan.update({k: v for k, v in overrides.items() if k in plan})
+    if "labels" in overrides:
+        names = {str(k): v for k, v in overrides["labels"].items()}
+        plan["labels"] = {str(i): names[str(i)] for i in range(len(names))}
+        if "class_names" not in overrides:
+            plan["class_names"] = list(plan["labels"].values())
+    elif "class_names" in overrides:
+        plan["labels"] = {str(i): n for i, n in enumerate(overrides["class_names"])}
+
+    def fail(key: str, problem: str) -> None:
+        raise DintsError(where(source, key), f"'plan.{key}' {problem}")
+
+    declared = f"the task declares {classes} labels ({', '.join(map(str, plan['class_names'][:classes]))})"
+    for key, value in overrides.items():
+        if key == "in_channels" and value != channels:
+            fail(key, f"is {value} but the images have {channels} channel(s)")
+        elif key in ("modalities", "normalization") and len(value) != channels:
+            fail(key, f"has {len(value)} entries but the images have {channels} channel(s)")
+        elif key == "out_channels" and value != classes:
+            fail(key, f"is {value} but {declared}")
+        elif key in ("class_names", "labels") and len(value) != classes:
+            fail(key, f"has {len(value)} names but the task declares {classes} labels (0–{classes - 1})")
+    if "class_names" in overrides and "labels" in overrides and list(plan["labels"].values()) != plan["class_names"]:
+        fail("class_names", "disagrees with plan.labels; set one of the two (the other follows)")
+    named = [entry["modality"] for entry in plan["normalization"]]
+    if named != plan["modalities"]:
+        if "normalization" in overrides:
+            fail("normalization", f"is for modalities {named} but plan.modalities is {plan['modalities']}")
+        fail("modalities", f"is {plan['modalities']} but the plan's normalization is for {named}; set it when "
+                           "running dints3d prepare, so that the normalization follows")
+    return plan
+
+
+def _check_patch(overrides: Mapping[str, Any], divisor: int, source: str | Mapping[str, str]) -> None:
+    """An overridden patch size must divide by the divisor (the network's, or an overridden ``patch_divisor``)."""
+    patch = overrides.get("patch_size")
+    divisor = overrides.get("patch_divisor", divisor)
+    if patch is not None and any(p % divisor for p in patch):
+        raise DintsError(where(source, "patch_size"), f"'plan.patch_size' {patch} must be integers divisible by "
+                                                      f"the network's patch divisor {divisor}")
+
+
+def check_overrides_for_task(overrides: dict, source: str | Mapping[str, str], modalities: list[str],
+                             labels: dict[str, str], divisor: int) -> None:
+    """Every check of :func:`make_plan` that needs no image: types and ranges, agreement with ``dataset.json``'s
+    ``modalities`` and ``labels``, patch divisibility. ``prepare`` runs it before reading any case."""
+    check_overrides(overrides, source)
+    renamed = overrides.get("modalities")
+    names = renamed if renamed is not None and len(renamed) == len(modalities) else modalities
+    outline = {"in_channels": len(modalities), "out_channels": len(labels), "class_names": list(labels.values()),
+               "labels": dict(labels), "modalities": list(modalities),
+               "normalization": [{"modality": m} for m in names]}  # names only: what the checks compare
+    apply_overrides(outline, overrides, source, len(modalities), len(labels))
+    _check_patch(overrides, divisor, source)
+
+
+def make_plan(fingerprint: dict, divisor: int, overrides: dict | None = None,
+              source: str | Mapping[str, str] = "plan") -> dict:
     """``plan.json`` from a fingerprint. ``divisor`` = 2 ** (num_depths + use_downsample) of the network.
 
     ``overrides`` (a config's ``plan:`` section) replace computed fields; fields derived from an overridden one
-    (median shape and patch from ``target_spacing``, patch from ``patch_divisor``) follow the override. An unknown
-    field or a malformed patch size / spacing raises DintsError naming ``source``.
+    follow the override (median shape and patch from ``target_spacing``, patch from ``patch_divisor``,
+    normalization from ``modalities``, ``labels`` ↔ ``class_names``). An unknown field, a malformed value or one
+    that disagrees with the data raises DintsError naming ``source`` (one file, or the file of each key).
     """
     overrides = dict(overrides or {})
     check_overrides(overrides, source)
+    channels, classes = len(fingerprint["modalities"]), len(fingerprint["labels"])
     spacings = np.array([c["spacing"] for c in fingerprint["cases"]])
     spacing, axis, rule = target_spacing(spacings)
     plan = {
         "version": FORMAT_VERSION,
         "task_dir": fingerprint["task_dir"],
         "name": fingerprint["name"],
-        "in_channels": len(fingerprint["modalities"]),
-        "out_channels": len(fingerprint["labels"]),
+        "in_channels": channels,
+        "out_channels": classes,
         "class_names": list(fingerprint["labels"].values()),
         "labels": fingerprint["labels"],
         "modalities": fingerprint["modalities"],
@@ -199,15 +367,21 @@ def make_plan(fingerprint: dict, divisor: int, overrides: dict | None = None, so
         "anisotropic_axis": axis,
         "normalization": normalization(fingerprint),
     }
-    plan.update({k: v for k, v in overrides.items() if k in plan})
+    modalities = overrides.get("modalities")
+    if modalities is not None and "normalization" not in overrides and len(modalities) == channels:
+        plan["normalization"] = normalization(fingerprint, modalities)
+    apply_overrides(plan, overrides, source, channels, classes)
     shapes = np.array([c["shape"] for c in fingerprint["cases"]], dtype=float)
     resampled = shapes * spacings / np.array(plan["target_spacing"], dtype=float)
-    plan["median_shape"] = overrides.get("median_shape", [round(float(m), 2) for m in np.median(resampled, axis=0)])
+    median = np.median(resampled, axis=0)
+    if "median_shape" not in overrides and not (np.isfinite(median).all() and median.min() >= 1):
+        raise DintsError(where(source, "target_spacing"), f"'plan.target_spacing' {plan['target_spacing']} gives "
+                         f"a median resampled shape of {[float(f'{m:.3g}') for m in median]} voxels; every axis needs a "
+                         "finite size of at least 1 voxel")
+    plan["median_shape"] = overrides.get("median_shape", [round(float(m), 2) for m in median])
     divisor = overrides.get("patch_divisor", divisor)
+    _check_patch(overrides, divisor, source)
     patch = overrides.get("patch_size", patch_size(plan["median_shape"], divisor))
-    if any(int(p) != p or p % divisor for p in patch):
-        raise DintsError(source, f"'plan.patch_size' {patch} must be integers divisible by the network's "
-                                 f"patch divisor {divisor}")
     plan["patch_size"] = [int(p) for p in patch]
     plan["patch_divisor"] = divisor
     plan["overrides"] = overrides

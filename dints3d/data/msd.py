@@ -177,6 +177,7 @@ def load_image(path: Path, num_modalities: int) -> Volume:
         expected = "3D, or 4D with 1 modality" if num_modalities == 1 else f"4D with {num_modalities} modalities"
         raise DintsError(path, f"image has shape {list(data.shape)} ({data.ndim}D); expected {expected} "
                                f"on the 4th axis as declared in dataset.json")
+    _check_real(path, data, "image")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise DintsError(path, f"image contains {int((~np.isfinite(data)).sum())} NaN or infinite voxels")
     return Volume(data, affine)
@@ -194,12 +195,25 @@ def load_label(path: Path, labels: dict[str, str], image: Volume) -> Volume:
     if difference > AFFINE_TOLERANCE:
         raise DintsError(path, f"label affine differs from the image's by up to {difference:.4g} mm "
                                f"(tolerance {AFFINE_TOLERANCE}); label and image must share one voxel grid")
-    if not np.issubdtype(data.dtype, np.integer):
+    _check_real(path, data, "label")
+    integer = np.issubdtype(data.dtype, np.integer)
+    if not integer:
+        # checked before any cast: NaN/Inf (or 1e30) cast to int64 gives garbage values and a RuntimeWarning
+        if not np.isfinite(data).all():
+            raise DintsError(path, "label contains NaN/Inf")
         if not np.array_equal(data, np.round(data)):
             raise DintsError(path, "label contains non-integer values")
-        data = data.astype(np.int64)
     if data.min() < 0 or data.max() >= len(labels):
         unknown = [int(v) for v in np.unique(data) if not 0 <= v < len(labels)]
         raise DintsError(path, f"label value(s) {unknown} not declared in dataset.json labels "
                                f"(0–{len(labels) - 1})")
-    return Volume(data, affine)
+    return Volume(data if integer else data.astype(np.int64), affine)
+
+
+def _check_real(path: Path, data: np.ndarray, what: str) -> None:
+    """Refuse complex voxels (NIfTI can store them) and non-numeric ones (e.g. RGB): both would be silently cut
+    down to real numbers, or fail deep inside a transform."""
+    if np.iscomplexobj(data):
+        raise DintsError(path, f"{what} is complex-valued ({data.dtype}); expected real voxel values")
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise DintsError(path, f"{what} has voxels of type {data.dtype}; expected integer or floating-point values")

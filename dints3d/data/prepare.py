@@ -2,26 +2,31 @@
 A Cityscapes folder (``leftImg8bit/`` + ``gtFine/``) is recognised and handled by :mod:`dints3d.data.cityscapes`.
 
 Cases are read one at a time (validation and fingerprint in the same pass), so memory stays at about one case.
-Nothing is written until every file has passed validation; each output is then written atomically.
+The output folder and the config's plan overrides are checked before the first case is read. Nothing is written
+until every file has passed validation; the three outputs then land as a group (all temporary files written and
+fsynced first, then renamed), so a failure leaves the previous files, never a mix of old and new.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from tqdm import tqdm
 
-from dints3d.config import Config, config_path, load_config
+from dints3d.config import Config, config_path, load_config, parse_override
 from dints3d.data.cityscapes import is_cityscapes, prepare_cityscapes
 from dints3d.data.cityscapes import summary as cityscapes_summary
 from dints3d.data.datalist import DATALIST_FILE, check_folds, make_datalist
-from dints3d.data.fingerprint import FINGERPRINT_FILE, PLAN_FILE, FingerprintBuilder, check_overrides, make_plan
+from dints3d.data.fingerprint import (FINGERPRINT_FILE, PLAN_FILE, FingerprintBuilder, check_overrides_for_task,
+                                      make_plan)
 from dints3d.data.msd import load_image, load_label, read_task
 from dints3d.errors import DintsError
-from dints3d.io import write_json
+from dints3d.io import write_texts_together
 
 
 def patch_divisor(cfg: Config) -> int:
@@ -29,21 +34,56 @@ def patch_divisor(cfg: Config) -> int:
     return 2 ** (cfg.dints.num_depths + int(cfg.dints.use_downsample))
 
 
+def check_output_folder(work: Path) -> None:
+    """Refuse an output folder that cannot be created or written in, before any case is read. Creates nothing, so
+    a refused or failed ``prepare`` leaves no empty folder behind."""
+    existing = work
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == work and not work.is_dir():
+        raise DintsError(work, "exists and is not a folder")
+    if not existing.is_dir():
+        raise DintsError(work, f"cannot create the output folder: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the output folder" if existing == work else f"{existing}, where the output folder would be created"
+        raise DintsError(work, f"cannot write in {what} (no permission or a read-only file system)")
+
+
+def write_outputs(work: Path, outputs: dict[str, dict]) -> None:
+    """Serialize all three files first (a value JSON cannot hold fails here, before any file is touched), then
+    write them as one group: temporary files, then renames (:func:`~dints3d.io.write_texts_together`)."""
+    texts = {}
+    for name, file in (("fingerprint", FINGERPRINT_FILE), ("plan", PLAN_FILE), ("datalist", DATALIST_FILE)):
+        try:
+            texts[file] = json.dumps(outputs[name], indent=2, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as e:
+            raise DintsError(work / file, f"cannot be written as JSON ({e}); nothing was written") from None
+    write_texts_together(work, texts)
+
+
+def _one_source(source: str | Mapping[str, str]) -> str:
+    """One name for errors of code that takes a single source (the Cityscapes plan): the config file if any."""
+    if isinstance(source, str):
+        return source
+    return next((s for s in source.values() if s != "--set"), "--set")
+
+
 def prepare(task_dir: str | os.PathLike, work_dir: str | os.PathLike, folds: int = 5, seed: int = 0,
-            config: Config | None = None, config_source: str = "--set", progress: bool = True) -> dict[str, dict]:
+            config: Config | None = None, config_source: str | Mapping[str, str] = "--set",
+            progress: bool = True) -> dict[str, dict]:
     """Validate ``task_dir`` and write the three files into ``work_dir``; returns them as
     ``{"fingerprint": …, "plan": …, "datalist": …}``. ``config.plan`` overrides plan fields (errors name
-    ``config_source``); ``config.dints`` sets the patch divisor."""
+    ``config_source``: one file, or the file or ``--set`` of each plan key); ``config.dints`` sets the patch
+    divisor. The output folder and the overrides are checked before any case is read."""
     cfg = config or Config()
+    work = Path(work_dir)
+    check_output_folder(work)
     if is_cityscapes(task_dir):
         divisor = patch_divisor(cfg) if cfg.space == "dints" else 1  # Auto-DeepLab takes any crop size
-        return prepare_cityscapes(task_dir, work_dir, seed, divisor, cfg.plan, config_source, progress)
-    work = Path(work_dir)
-    if work.exists() and not work.is_dir():
-        raise DintsError(work, "exists and is not a folder")
+        return prepare_cityscapes(task_dir, work_dir, seed, divisor, cfg.plan, _one_source(config_source), progress)
     task = read_task(task_dir)
     check_folds(len(task.training), folds)
-    check_overrides(cfg.plan, config_source)
+    check_overrides_for_task(cfg.plan, config_source, task.modalities, task.labels, patch_divisor(cfg))
 
     builder = FingerprintBuilder(task, seed)
     cases = task.training + task.test
@@ -56,10 +96,23 @@ def prepare(task_dir: str | os.PathLike, work_dir: str | os.PathLike, folds: int
     outputs = {"fingerprint": builder.result()}
     outputs["plan"] = make_plan(outputs["fingerprint"], patch_divisor(cfg), cfg.plan, config_source)
     outputs["datalist"] = make_datalist(task, folds, seed)
-
-    for name, file in (("fingerprint", FINGERPRINT_FILE), ("plan", PLAN_FILE), ("datalist", DATALIST_FILE)):
-        write_json(work / file, outputs[name])
+    write_outputs(work, outputs)
     return outputs
+
+
+def plan_sources(plan: Mapping, config_file: str | None, overrides: list[str]) -> str | dict[str, str]:
+    """Where each key of the merged ``plan:`` section was set, for error messages: ``--set`` for keys given as
+    ``--set plan.KEY=…`` (or ``--set plan={…}``), else the config file."""
+    if config_file is None:
+        return "--set"
+    from_set = set()
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] == "plan" and len(keys) > 1:
+            from_set.add(keys[1])
+        elif keys == ["plan"] and isinstance(value, dict):
+            from_set.update(value)
+    return {key: "--set" if key in from_set else config_file for key in plan}
 
 
 def summary(outputs: dict[str, dict], work_dir: str | os.PathLike) -> str:
@@ -99,6 +152,6 @@ def run(args: argparse.Namespace) -> int:
     source = config_path(args.config) if args.config else None
     cfg = load_config(source, args.set)
     outputs = prepare(args.task, args.out, folds=args.folds, seed=args.seed, config=cfg,
-                      config_source=str(source) if source else "--set")
+                      config_source=plan_sources(cfg.plan, str(source) if source else None, args.set))
     print(summary(outputs, args.out))
     return 0
