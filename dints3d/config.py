@@ -86,6 +86,8 @@ class SearchConfig:
     checkpoint_cells: bool = False  #: activation checkpointing of supernet cells
     #: DiNTS: with checkpoint_cells, checkpoint the cells of the first round(fraction × num_blocks) blocks only
     checkpoint_fraction: float = 1.0
+    #: DiNTS: batch-1 CPU fp32 convolutions through oneDNN where PyTorch would pick slow_conv3d (dints3d.cpu_conv)
+    cpu_conv_routing: bool = True
     val_interval: int = 1000  #: iterations between validations (and decode snapshots)
     val_sw_batch_size: int = 1
     val_overlap: float = 0.625

@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from dints3d.cpu_conv import OneDnnConv3d, routes_to_onednn, uses_slow_conv3d
 from dints3d.spaces.base import Architecture
 from dints3d.spaces.dints import DintsArchitecture, DintsSearchSpace, operation_names, patch_divisor
 from dints3d.spaces.dints_topology import DintsTopology
@@ -87,31 +88,18 @@ class _AutocastOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def uses_slow_conv3d(input_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
-                     dilation: Sequence[int], groups: int, threads: int) -> bool:
-    """Whether PyTorch runs an fp32 CPU 3-D convolution with ``slow_conv3d`` (im2col + GEMM) rather than oneDNN.
-
-    The rule of ``ConvParams::use_mkldnn`` (ATen ``Convolution.cpp``): oneDNN needs (a strided or dilated conv, a
-    batch ≥ 16, a kernel whose last two sides are not both 1, or several threads) and (groups > 1, both last kernel
-    sides > 3, a batch > 1, or ``N·C·D·H > 20480``). So batch-1 volumes with few channels take the slow path."""
-    n, c, d, h = input_shape[:4]
-    kh, kw = weight_shape[-2:]
-    strided = any(s != 1 for s in stride) or any(x != 1 for x in dilation)
-    first = strided or n >= 16 or kw != 1 or kh != 1 or threads > 1
-    second = groups > 1 or (kw > 3 and kh > 3) or n > 1 or n * c * d * h > 20480
-    return not (first and second)
-
-
 class _OpScratch(TorchDispatchMode):
     """Records, over all aten ops, the largest output and the largest im2col buffer (bytes).
 
     PyTorch's CPU fp32 3-D convolution, where it takes the ``slow_conv3d`` path (:func:`uses_slow_conv3d`, with
     this process's thread count), unfolds one sample at a time into a ``C_in·k³ × output voxels`` column buffer
-    (measured: it does not grow with the batch); oneDNN (CPU bf16 and the other fp32 cases) and cuDNN do not."""
+    (measured: it does not grow with the batch); oneDNN (CPU bf16, the other fp32 cases, and the convolutions
+    :class:`~dints3d.cpu_conv.OneDnnConv3d` routes there when ``routed``) and cuDNN do not."""
 
-    def __init__(self, count_im2col: bool):
+    def __init__(self, count_im2col: bool, routed: bool = False):
         super().__init__()
         self.count_im2col = count_im2col
+        self.routed = routed
         self.threads = torch.get_num_threads()
         self.largest_output = 0
         self.largest_im2col = 0
@@ -124,7 +112,9 @@ class _OpScratch(TorchDispatchMode):
         if func is torch.ops.aten.convolution.default and self.count_im2col:
             x, w, _, stride, _, dilation, transposed, _, groups = args
             if (w.dim() == 5 and out.dtype == torch.float32 and not transposed
-                    and uses_slow_conv3d(x.shape, w.shape, stride, dilation, groups, self.threads)):
+                    and uses_slow_conv3d(x.shape, w.shape, stride, dilation, groups, self.threads)
+                    and not (self.routed and groups == 1
+                             and routes_to_onednn(x.shape, w.shape, stride, dilation, self.threads))):
                 columns = math.prod(w.shape[1:]) * math.prod(out.shape[2:]) * out.element_size()
                 self.largest_im2col = max(self.largest_im2col, columns)
         return out
@@ -185,7 +175,8 @@ def step_activation_memory(model: nn.Module, input_shape: Sequence[int], batch: 
 
     x = torch.empty(batch, *input_shape, device="meta")
     y = torch.zeros(batch, 1, *input_shape[1:], device="meta")
-    scratch = _OpScratch(count_im2col=device == "cpu")
+    routed = any(isinstance(m, OneDnnConv3d) for m in model.modules())
+    scratch = _OpScratch(count_im2col=device == "cpu", routed=routed)
     autocast = _AutocastOnMeta(torch.bfloat16, device) if amp else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), scratch, torch.enable_grad(), autocast:
         loss = dice_ce_loss()(torch.func.functional_call(model, stand_ins, (x,)), y)

@@ -159,7 +159,7 @@ def test_slow_conv3d_rule_matches_pytorch(shape, kernel, stride):
     """The im2col term follows the convolution kernel PyTorch really picks (checked with the profiler)."""
     from torch.profiler import profile
 
-    from dints3d.memory import uses_slow_conv3d
+    from dints3d.cpu_conv import uses_slow_conv3d
 
     x, w = torch.randn(*shape), torch.randn(shape[1], shape[1], *kernel)
     threads = torch.get_num_threads()

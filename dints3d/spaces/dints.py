@@ -25,6 +25,7 @@ from monai.networks.nets import DiNTS, TopologyInstance, TopologySearch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dints3d.cpu_conv import route_cpu_convolutions
 from dints3d.errors import DintsError
 from dints3d.search import regularizers as reg
 from dints3d.search.decode import decode_topology
@@ -252,6 +253,8 @@ class DintsSearchSpace(SearchSpace):
         entropy_weight, memory_weight, topology_weight: relative weights of the regularizers (docs/search.md).
         checkpoint_cells: recompute cell activations in backward to save memory.
         checkpoint_fraction: with ``checkpoint_cells``, the fraction of blocks (the first ones) checkpointed.
+        cpu_conv_routing: run batch-1 CPU fp32 convolutions through oneDNN where PyTorch would pick its slower
+            ``slow_conv3d`` (:mod:`dints3d.cpu_conv`; no effect on CUDA or under autocast).
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class DintsSearchSpace(SearchSpace):
         topology_weight: float = 0.001,
         checkpoint_cells: bool = False,
         checkpoint_fraction: float = 1.0,
+        cpu_conv_routing: bool = True,
     ):
         super().__init__()
         self.topology_space = _SupernetTopology(
@@ -287,6 +291,8 @@ class DintsSearchSpace(SearchSpace):
             spatial_dims=spatial_dims,
             use_downsample=use_downsample,
         )
+        if cpu_conv_routing and spatial_dims == 3:
+            route_cpu_convolutions(self.net)
         self.hparams = dict(num_blocks=num_blocks, num_depths=num_depths, channel_mul=channel_mul,
                             use_downsample=use_downsample, spatial_dims=spatial_dims)
         self.ram_cost_factor = ram_cost_factor
