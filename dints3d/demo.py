@@ -119,7 +119,7 @@ class Demo:
     def train(self) -> dict:
         log = self.logs / "train.log"
         print(f"  log: {log}", flush=True)
-        self._check(train(self.bundle, sets=BUNDLE_SETS, log=log), log, "training")
+        self._check(train(self.bundle, sets=BUNDLE_SETS, log=log, resume="auto"), log, "training")
         return {"model": str(self.bundle / "models" / "model.pt")}
 
     def infer(self, name: str, inputs: list[Path], sets: tuple[str, ...] = ()) -> dict:

@@ -41,14 +41,15 @@ def estimate_cache_bytes(plan: Mapping, num_cases: int) -> int:
     return int(num_cases * voxels * (4 * int(plan["in_channels"]) + 1) * 1.2)  # 20% for shape spread and metadata
 
 
-def check_free_disk(folder: str | os.PathLike, needed: int) -> None:
-    """Refuse to start when ``folder``'s file system has less than ``needed`` bytes free."""
+def check_free_disk(folder: str | os.PathLike, needed: int, purpose: str = "the cache",
+                    advice: str = "free space, choose another data.cache_dir, or set data.cache_dir: null") -> None:
+    """Refuse to start when ``folder``'s file system has less than ``needed`` bytes free for ``purpose``."""
     folder = Path(folder)
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise DintsError(folder, f"needs about {needed / 2**30:.1f} GiB free for the cache, {free / 2**30:.1f} GiB "
-                         "available (free space, choose another data.cache_dir, or set data.cache_dir: null)")
+        raise DintsError(folder, f"needs about {needed / 2**30:.1f} GiB free for {purpose}, {free / 2**30:.1f} GiB "
+                         f"available ({advice})")
 
 
 def out_of_memory_advice(predicted_bytes: int | None, patch: Sequence[int], checkpoint_cells: bool) -> str:

@@ -1,17 +1,22 @@
 """``dints3d train`` on an exported bundle: a few iterations with MONAI's workflows write a plain-state-dict
-models/model.pt and a checkpoint a second run resumes from; evaluate.yaml then scores model.pt."""
+models/model.pt and a checkpoint that ``--resume`` continues (refusing changed settings, and a rerun without
+``--resume``); evaluate.yaml then scores model.pt. Pre-flight checks fail in one line before any work."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
 
+from dints3d import bundle_commands
 from dints3d.bundle_commands import override_args, train
 from dints3d.cli import main
+from dints3d.errors import DintsError
 from dints3d.spaces.base import load_architecture
 from test_bundle_export import make_bundle
 
@@ -33,7 +38,18 @@ def test_train_writes_model_and_resumes(bundle, tmp_path):
     assert first["trainer"]["iteration"] == 2 and first["best_model_saver"]["_saved"]
     assert (bundle / "logs").is_dir()
 
-    assert train(bundle, sets=FAST + ("num_iterations=3",), log=tmp_path / "second.log") == 0
+    with pytest.raises(DintsError, match=r"models: already holds a training \(checkpoint_epoch=1.pt, "
+                       r"checkpoint_epoch=2.pt, model.pt\); continue it with --resume, or train in a fresh bundle"):
+        train(bundle, sets=FAST)
+    changed = tmp_path / "changed.log"
+    assert train(bundle, sets=FAST + ("learning_rate=0.01",), log=changed, resume=True) == 1
+    last = changed.read_text().strip().splitlines()[-1]
+    assert last == (f"error: {models / 'checkpoint_epoch=2.pt'}: was trained with other settings: learning_rate 0.025 "
+                    "-> 0.01; revert them or train in a fresh bundle (only num_iterations, num_workers, cache_rate, "
+                    "sw_batch_size, sw_overlap, max_nonfinite_steps, world_size may change on resume)")
+    assert "Traceback" not in changed.read_text() and "Epoch:" not in changed.read_text()
+
+    assert train(bundle, sets=FAST + ("num_iterations=3",), log=tmp_path / "second.log", resume=True) == 0
     log = (tmp_path / "second.log").read_text()
     assert "checkpoint_epoch=2.pt" in log and "Epoch: 1/3" not in log and "Epoch: 3/3" in log
     resumed = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)
@@ -73,3 +89,71 @@ def test_search_config_replaces_the_architecture(tmp_path):
     assert searched.num_blocks == 4 and searched.provenance["iteration"] == 2  # the demo config's search space
     assert (bundle / "models" / "arch.json").read_text() != before
     assert (bundle / "search" / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.fixture
+def fresh(tmp_path) -> Path:
+    return make_bundle(tmp_path / "fresh")
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def test_preflight_errors_are_one_line_before_any_work(fresh, tmp_path, capsys, monkeypatch):
+    def fails(*args: str) -> str:
+        assert main(["train", str(fresh), *args]) == 2
+        return _error(capsys)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fails("--device", "cuda") == ("error: --device: 'cuda' requested but no CUDA GPU is available (use "
+                                         "--device cpu or auto)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert fails("--nproc", "4").startswith("error: --nproc: 4 processes need 4 GPUs (one each), 2 visible")
+    monkeypatch.undo()
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert fails("--set", f"ckpt_dir={blocker / 'models'}").startswith(f"error: {blocker / 'models'}: cannot write")
+    assert fails("--set", "patch_size=[40,40,40]") == ("error: patch_size: [40, 40, 40] must be 3 positive multiples "
+                                                       "of 16 for this architecture (3 depths); set it with --set "
+                                                       "patch_size=[..]")
+    assert "no checkpoint_epoch=N.pt to resume from (start without --resume)" in fails("--resume")
+    assert fails("--set", "resume_mode=newest") == "error: --set: resume_mode is set by dints3d train (use --resume)"
+
+    usage = namedtuple("usage", "total used free")
+    parameters = sum(p.numel() for p in load_architecture(fresh / "models" / "arch.json").build(
+        1, 3, channel_mul=0.25).parameters())
+    with monkeypatch.context() as patched:
+        patched.setattr(shutil, "disk_usage", lambda _: usage(10, 10, 0))
+        assert fails().startswith(f"error: {fresh / 'models'}: needs about 0.0 GiB free for the checkpoints of a "
+                                  f"{parameters / 1e6:.1f} M-parameter network, 0.0 GiB available (free space, or "
+                                  "--set ckpt_dir=FOLDER on another disk)")
+    with monkeypatch.context() as patched:
+        patched.setattr(bundle_commands, "available_memory", lambda: 1000)
+        assert fails().startswith("error: cache_rate: caching 1 of 4 cases needs about 0.0 GiB of RAM, 0.0 GiB "
+                                  "available; lower it, e.g. --set cache_rate=0")
+
+    old = fresh / "configs" / "train.yaml"
+    old.write_text(old.read_text().replace("resume_mode: newest", ""))
+    assert "has no resume_mode (a bundle exported by an older dints3d)" in fails()
+    assert not list((fresh / "models").glob("*.pt"))  # nothing ran
+
+
+def test_device_and_resume_reach_the_bundle_run(fresh, monkeypatch, capsys):
+    """What `dints3d train` hands to `monai.bundle run`: the resume mode, and for --device cpu hidden GPUs."""
+    runs = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: runs.append((cmd, kw.get("env"))) or
+                        subprocess.CompletedProcess(cmd, 0))
+    assert main(["train", str(fresh), "--device", "cpu"]) == 0
+    assert main(["train", str(fresh), "--resume", "auto"]) == 0
+    (fresh / "models" / "checkpoint_epoch=1.pt").write_bytes(b"checked by the bundle run")
+    assert main(["train", str(fresh), "--resume", "auto"]) == 0
+    assert main(["train", str(fresh), "--resume"]) == 0
+    modes = [cmd[cmd.index("--resume_mode") + 1] for cmd, _ in runs]
+    assert modes == ["never", "never", "same_settings", "same_settings"]
+    assert runs[0][1]["CUDA_VISIBLE_DEVICES"] == "" and runs[1][1] is None
+    assert "running: CUDA_VISIBLE_DEVICES='' python -m monai.bundle run" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""Faults during a bundle's training (configs/train.yaml): SIGKILL at three points then exact resume, corrupt
-checkpoints, and NaN/Inf batches or losses (dints3d/training.py)."""
+"""Faults during a bundle's training (configs/train.yaml): SIGKILL at three points then exact resume (through
+`python -m monai.bundle run` and `dints3d train [--resume]`), corrupt checkpoints, NaN/Inf batches or losses, and CUDA
+out-of-memory errors (dints3d/training.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from dints3d.bundle_commands import override_args
-from dints3d.training import NonFiniteGuard, ResumeFromNewest, newest_readable_checkpoint
+from dints3d import bundle_commands
+from dints3d.bundle_commands import override_args, train
+from dints3d.cli import main
+from dints3d.memory import meta_network, predict_training_memory
+from dints3d.spaces.base import load_architecture
+from dints3d.training import NonFiniteGuard, OutOfMemoryReport, ResumeFromNewest, newest_readable_checkpoint
 from test_bundle_export import make_bundle
 
 #: 3 epochs of 2 iterations: a checkpoint_epoch=N.pt and a validation after each
@@ -26,6 +31,7 @@ RUN = ["num_iterations=6", "val_interval=2", "sw_overlap=0.25"]
 # Runs `monai.bundle run` with a fault injected from outside the product code: the process SIGKILLs itself
 #   write NAME K  -- half-way through the K-th torch.save whose target file name contains NAME
 #   step K        -- at the start of training iteration K
+# Arguments: POINT NAME K monai.bundle run ... (as `python -m monai.bundle run ...` after the fault).
 KILLER = textwrap.dedent('''
     import io, os, runpy, signal, sys
     import torch
@@ -54,7 +60,7 @@ KILLER = textwrap.dedent('''
                 die()
             return real_iteration(self, engine, batch)
         SupervisedTrainer._iteration = iteration
-    sys.argv = ["monai.bundle", *sys.argv[4:]]
+    sys.argv = sys.argv[4:]
     runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
 ''')
 
@@ -70,14 +76,14 @@ def _copy(template: Path, dest: Path) -> Path:
 
 
 def _train_args(bundle: Path, *extra: str) -> list[str]:
-    return ["run", "--config_file", str(bundle / "configs" / "train.yaml"), "--bundle_root", str(bundle),
-            *override_args([*RUN, *extra])]
+    return ["monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.yaml"), "--bundle_root",
+            str(bundle), *override_args([*RUN, *extra])]
 
 
 def _run(bundle: Path, fault: tuple[str, str, int] | None = None, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if fault is None:
-        cmd = [sys.executable, "-m", "monai.bundle", *_train_args(bundle, *extra)]
+        cmd = [sys.executable, "-m", *_train_args(bundle, *extra)]
     else:
         cmd = [sys.executable, "-c", KILLER, *map(str, fault), *_train_args(bundle, *extra)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -106,32 +112,48 @@ def uninterrupted(template, tmp_path_factory) -> Path:
     return bundle / "models"
 
 
-def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(template, uninterrupted, tmp_path):
+def _train_with_fault(monkeypatch, bundle: Path, fault: tuple[str, str, int], log: Path, resume) -> int:
+    """`dints3d train` (the parent process: checks, resume mode) whose bundle run gets the KILLER's fault."""
+    with monkeypatch.context() as patched:
+        patched.setattr(bundle_commands, "launcher", lambda nproc: [sys.executable, "-c", KILLER, *map(str, fault)])
+        return train(bundle, sets=RUN, log=log, resume=resume)
+
+
+def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(template, uninterrupted, tmp_path,
+                                                                          monkeypatch, capfd):
     bundle = _copy(template, tmp_path / "bundle")
     models = bundle / "models"
+    log = tmp_path / "train.log"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the uninterrupted run (inherited by `dints3d train`'s runs)
 
-    # 1. half-way through writing epoch 2's checkpoint: the old files stay whole, the temporary file is left behind
-    killed = _run(bundle, ("write", "checkpoint_epoch=2.pt", 1))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # 1. `dints3d train`, half-way through writing epoch 2's checkpoint: the old files stay whole, the temporary file
+    #    is left behind
+    assert _train_with_fault(monkeypatch, bundle, ("write", "checkpoint_epoch=2.pt", 1), log, False) == -signal.SIGKILL
     assert not (models / "checkpoint_epoch=2.pt").exists() and list(models.glob(".checkpoint_epoch=2.pt.*.tmp"))
     assert _load(models / "checkpoint_epoch=1.pt")["trainer"]["iteration"] == 2
+    assert main(["train", str(bundle)]) == 2  # a training is there: without --resume, refused in one line
+    refused = capfd.readouterr().err
+    assert "already holds a training (checkpoint_epoch=1.pt, model.pt); continue it with --resume" in refused
 
-    # 2. in the middle of epoch 3 (iteration 5), after epoch 2's checkpoint landed
+    # 2. plain `python -m monai.bundle run` (resumes from the newest checkpoint), in the middle of epoch 3
+    #    (iteration 5), after epoch 2's checkpoint landed
     killed = _run(bundle, ("step", "-", 5))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not list(models.glob(".*.tmp"))  # the resumed run removed the stale temporary file
     assert _load(models / "checkpoint_epoch=2.pt")["trainer"]["iteration"] == 4
 
-    # 3. half-way through validation's save of the best model (end of epoch 3): model.pt stays the previous best
-    killed = _run(bundle, ("write", "model.pt", 1))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # 3. `dints3d train --resume`, half-way through validation's save of the best model (end of epoch 3): model.pt
+    #    stays the previous best
+    assert _train_with_fault(monkeypatch, bundle, ("write", "model.pt", 1), log, True) == -signal.SIGKILL
     assert list(models.glob(".model.pt.*.tmp")) and _load(models / "model.pt")
 
-    resumed = _run(bundle)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "checkpoint_epoch=2.pt" in resumed.stdout
+    capfd.readouterr()
+    assert main(["train", str(bundle), "--resume", *[a for s in RUN for a in ("--set", s)]]) == 0
+    out = capfd.readouterr()
+    assert "--resume_mode same_settings" in out.out
+    assert "resumed from" in out.out + out.err and "checkpoint_epoch=2.pt" in out.out + out.err
     final, reference = _load(models / "checkpoint_epoch=3.pt"), _load(uninterrupted / "checkpoint_epoch=3.pt")
-    for key in ("model", "optimizer", "lr_scheduler", "trainer"):
+    for key in ("model", "optimizer", "lr_scheduler", "trainer", "run_settings"):
         _assert_same_tensors(final[key], reference[key])
     _assert_same_tensors(_load(models / "model.pt"), _load(uninterrupted / "model.pt"))
     assert not list(models.glob(".*.tmp"))
@@ -272,3 +294,61 @@ def test_guard_needs_gradients_reset_to_none(template, tmp_path):
         NonFiniteGuard(3).attach(parser.get_parsed_content("train#trainer"))
     with pytest.raises(SystemExit, match="max_nonfinite_steps: must be ≥ 1"):
         NonFiniteGuard(0)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA out of memory
+def _out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_cuda_out_of_memory_in_training_is_one_line_with_the_prediction(template, tmp_path, caplog):
+    """A simulated torch.OutOfMemoryError in a training step: one line (no traceback logged) with the memory model's
+    prediction for these settings and concrete settings to change."""
+    bundle = _copy(template, tmp_path / "bundle")
+    parser = _parser(bundle, batch_size=2)
+    parser.get_parsed_content("train#trainer").loss_function = _out_of_memory
+    with caplog.at_level("INFO"), pytest.raises(SystemExit) as stopped:
+        parser.get_parsed_content("run")
+    message = str(stopped.value)
+    arch = load_architecture(bundle / "models" / "arch.json")
+    predicted = predict_training_memory(meta_network(arch, 1, 3, channel_mul=0.25), (1, 32, 32, 32), batch=2,
+                                        device="cuda")["peak"]
+    assert "\n" not in message and message.startswith(
+        "error: cpu: CUDA out of memory during training (patch [32, 32, 32], 2 patch(es) per step, amp false): a step "
+        f"is predicted to need {predicted / 2**20:.0f} MiB; try --set patch_size=[16, 32, 32], or batch_size=1 "
+        "num_samples=1, or amp=true, or a smaller channel_mul")
+    assert not any(record.exc_info for record in caplog.records)  # MONAI's StatsHandler never saw the error
+
+
+def test_cuda_out_of_memory_in_validation_and_other_errors(template, tmp_path):
+    bundle = _copy(template, tmp_path / "bundle")
+    parser = _parser(bundle, sw_batch_size=4)
+    parser.get_parsed_content("validate#evaluator").inferer = _out_of_memory
+    with pytest.raises(SystemExit) as stopped:
+        parser.get_parsed_content("run")
+    assert str(stopped.value) == (
+        "error: cpu: CUDA out of memory during validation (sliding windows of [32, 32, 32], sw_batch_size 4); try "
+        "--set sw_batch_size=1, or validate#inferer#device=cpu (the prediction is stitched on the CPU), or a smaller "
+        "validate#inferer#roi_size than [32, 32, 32] (validation windows only)")
+
+    other = _parser(_copy(template, tmp_path / "other"))
+    other.get_parsed_content("train#trainer").loss_function = lambda *args: 1 / 0
+    with pytest.raises(RuntimeError) as failed:  # anything else passes through unchanged (MONAI wraps it)
+        other.get_parsed_content("run")
+    assert isinstance(failed.value.__cause__, ZeroDivisionError)
+
+
+def test_out_of_memory_advice_follows_the_gpu_capacity(tmp_path):
+    """With the GPU's size known: a patch whose predicted step fits in 90 % of it, or, when the weights alone do
+    not fit, a narrower network."""
+    arch = make_bundle(tmp_path) / "models" / "arch.json"
+    report = OutOfMemoryReport(arch, 1, 3, [64, 64, 64], batch=1, amp=True, device="cpu",
+                               build_options={"channel_mul": 0.25})
+    predicted = predict_training_memory(meta_network(load_architecture(arch), 1, 3, channel_mul=0.25),
+                                        (1, 64, 64, 64), amp=True, device="cuda")
+    fixed = predicted["parameters"] + predicted["gradients"] + predicted["optimizer_state"]
+    report._capacity = lambda: int((fixed + (predicted["peak"] - fixed) / 4) / 0.9)  # room for a quarter patch
+    assert "try --set patch_size=[32, 32, 48], or a smaller channel_mul" in report.message(validation=False)
+    report._capacity = lambda: fixed
+    assert report.message(validation=False).endswith(
+        f"try --set a smaller channel_mul (weights, gradients and momentum alone need {fixed / 2**20:.0f} MiB)")
