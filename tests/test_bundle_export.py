@@ -5,6 +5,7 @@ carry the plan's values and preprocess exactly like dints3d. Other bundle tests 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,13 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from dints3d.bundle import export_bundle
+from dints3d.bundle import export_bundle, template_dir
+from dints3d.bundle_cityscapes import template_dir as cityscapes_template_dir
 from dints3d.cli import main
 from dints3d.config import config_path, load_config
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
+from dints3d.data.synthetic_cityscapes import make_cityscapes_task
 from dints3d.data.transforms import inference_transforms
 from dints3d.errors import DintsError
 from dints3d.io import read_json
@@ -66,8 +69,12 @@ def parse(bundle: Path, *names: str) -> ConfigParser:
 def test_metadata_has_every_mandatory_key(bundle):
     meta = read_json(bundle / "configs" / "metadata.json")
     assert all(key in meta for key in MANDATORY_META)
-    assert set(meta["required_packages_version"]) >= {"nibabel", "pytorch-ignite"}
-    assert "dints3d" not in meta["required_packages_version"] and "MONAI only" in meta["description"]
+    assert set(meta["required_packages_version"]) >= {"nibabel", "pytorch-ignite", "fire", "dints3d"}
+    # only MONAI's standard key: dints3d is listed (train.yaml and search.yaml need it) and the description says
+    # inference does not (test_bundle_inference.py::test_inference_runs_without_dints3d shows it)
+    assert not [key for key in meta if key.endswith("packages_version") and key != "required_packages_version"]
+    assert "Inference and evaluation need MONAI only" in meta["description"]
+    assert "dints3d is needed solely for training" in meta["description"]
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert all(key in image and key in pred for key in TENSOR_FORMAT)
@@ -148,3 +155,48 @@ def test_cli_export_and_bad_patch(bundle, tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "b2"), "--set", "data.patch_size=[40,40,40]"]) == 2
     assert "error: data.patch_size: [40, 40, 40] must be 3 positive multiples of 16" in capsys.readouterr().err
     assert not (tmp_path / "b2").exists()
+
+
+def fence_problems(text: str) -> list[str]:
+    """Malformed Markdown code fences: a fence after text on a line, an opening fence with more than a language
+    name, text after a closing fence (which CommonMark reads as text inside the block, so every later block is
+    inverted), or a block still open at the end."""
+    problems, opened = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        if "```" not in line:
+            continue
+        fence = line.strip()
+        if not fence.startswith("```") or fence.count("```") > 1:
+            problems.append(f"line {number}: fence after text: {line!r}")
+        elif opened is None:
+            opened = number
+            if not re.fullmatch(r"```[\w+-]*", fence):
+                problems.append(f"line {number}: opening fence with more than a language: {line!r}")
+        else:
+            opened = None
+            if fence != "```":
+                problems.append(f"line {number}: text after a closing fence: {line!r}")
+    if opened is not None:
+        problems.append(f"line {opened}: code block never closed")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def cityscapes_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cityscapes")
+    task = make_cityscapes_task(root / "task", cases=4, test_cases=0, size=64, seed=0)
+    assert main(["prepare", "--task", str(task), "--out", str(root / "work"), "--config", "autodeeplab_demo"]) == 0
+    assert main(["export", "--config", "autodeeplab_demo", "--arch", "autodeeplab-s", "--work", str(root / "work"),
+                 "--out", str(root / "bundle"), "--set", "train.patch_size=[32,32]"]) == 0
+    return root / "bundle"
+
+
+def test_every_readme_has_well_formed_code_fences(bundle, cityscapes_bundle):
+    assert fence_problems("```\npython -m x\n``` With dints3d installed\n```\ny\n```\n")  # the checker bites
+    assert fence_problems("text ```\n") and fence_problems("```\nopen\n") and not fence_problems("```yaml\na\n```\n")
+    readmes = [root / folder / "README.md" for root in (bundle, cityscapes_bundle, template_dir(),
+                                                        cityscapes_template_dir()) for folder in ("docs", "models")]
+    for readme in readmes:
+        text = readme.read_text()
+        assert text.count("```") >= 2 or readme.parent.name == "models"
+        assert fence_problems(text) == [], readme

@@ -1,6 +1,6 @@
-"""An exported bundle with MONAI's own tools: verify_net_in_out, ckpt_export (TorchScript = eager), inference and
-evaluation in a process where ``import dints3d`` fails (masks on each input's grid), and ``dints3d infer``'s input
-checks."""
+"""An exported bundle with MONAI's own tools: verify_net_in_out, ckpt_export (TorchScript = eager), inference (on a
+folder and on a list of files) and evaluation in a process where ``import dints3d`` fails (masks on each input's
+grid), and ``dints3d infer``'s input checks."""
 
 from __future__ import annotations
 
@@ -90,6 +90,29 @@ def test_inference_runs_without_dints3d(bundle, tmp_path):
         assert image.affine[0, 0] < 0 and image.affine[2, 3] != 0  # LPS with an origin: not the identity grid
         values = np.unique(np.asarray(mask.dataobj))
         assert mask.get_data_dtype() == np.uint8 and set(values.tolist()) <= {0, 1, 2}
+
+
+def test_inference_on_a_list_of_files(bundle, tmp_path):
+    """A list of files from different folders (not a folder): `--datalist` of inference.yaml with MONAI alone, and
+    `dints3d infer --input FILE FILE`; exactly those cases are segmented, each mask on its input's grid, the same
+    both ways."""
+    task = bundle.parent / "task"
+    chosen = [sorted((task / "imagesTs").glob("*.nii.gz"))[1], sorted((task / "imagesTr").glob("*.nii.gz"))[2]]
+    expected = sorted(path.name.replace(".nii.gz", "_seg.nii.gz") for path in chosen)
+    done = subprocess.run([sys.executable, "-c", BLOCK_DINTS3D, "monai.bundle", "run", "--config_file",
+                           str(bundle / "configs" / "inference.yaml"), "--datalist", repr([str(p) for p in chosen]),
+                           "--output_dir", str(tmp_path / "monai")], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "monai").iterdir()) == expected
+
+    assert main(["infer", str(bundle), "--input", *map(str, chosen), "--out", str(tmp_path / "cli")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == expected
+    for image_path in chosen:
+        image = nib.load(image_path)
+        name = image_path.name.replace(".nii.gz", "_seg.nii.gz")
+        mask, again = nib.load(tmp_path / "monai" / name), nib.load(tmp_path / "cli" / name)
+        assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-4)
+        assert np.array_equal(np.asarray(mask.dataobj), np.asarray(again.dataobj))
 
 
 def test_evaluation_runs_without_dints3d(bundle):
