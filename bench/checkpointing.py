@@ -23,61 +23,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_common import (MonaiSearchStep, OurSearchStep, make_batches, measure_step_peak,  # noqa: E402
+                           our_search_run, run_in_fresh_process)
 
 
 def child(spec: dict) -> dict:
     """Runs in the fresh subprocess."""
     import torch
 
-    sys.path.insert(0, str(HERE))
-    from search_common import MonaiSearchStep, OurSearchStep, make_batches, our_search_run
-
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     side, amp, variant = spec["side"], spec["amp"], spec["variant"]
     batches, warm = make_batches(side, seed=1), make_batches(32, seed=2)
-
-    def measure(step) -> dict:
-        step.step(warm)
-        rss = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        start = time.perf_counter()
-        step.step(batches)
-        seconds = time.perf_counter() - start
-        return {"peak_mib": (_status_kib("VmHWM") - rss) / 1024, "seconds": seconds, "rss_before_mib": rss / 1024}
-
     if variant == "monai":
-        return measure(MonaiSearchStep(None, amp))
+        return measure_step_peak(MonaiSearchStep(None, amp), batches, warm)
     fraction = float(variant.split("_")[1]) if variant.startswith("ckpt_") else 1.0
     with our_search_run(side, amp, checkpoint_cells=variant != "ours", fraction=fraction) as run:
-        return measure(OurSearchStep(run))
-
-
-def run_child(spec: dict) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": str(spec["threads"])}
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                          text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{spec['variant']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return measure_step_peak(OurSearchStep(run), batches, warm)
 
 
 def predicted_step_mib(side: int, amp: bool, threads: int) -> float:
@@ -108,7 +75,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.repeats):
         for variant in variants if r % 2 == 0 else variants[::-1]:
-            out = run_child({"variant": variant, "side": args.side, "amp": args.amp, "threads": args.threads})
+            spec = {"variant": variant, "side": args.side, "amp": args.amp, "threads": args.threads}
+            out = run_in_fresh_process(__file__, spec, args.threads)
             results[variant].append(out)
             print(f"round {r}: {variant:9s} peak +{out['peak_mib']:7.1f} MiB  ({out['seconds']:.1f} s, inflated)",
                   flush=True)

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -31,9 +36,9 @@ LR, ARCH_LR, RAM_COST_FACTOR = 0.025, 0.001, 0.8
 class MonaiSearchStep:
     """One bilevel iteration the way the reference script drives MONAI's classes."""
 
-    def __init__(self, our_space, amp: bool):
+    def __init__(self, our_space, amp: bool, num_blocks: int = NUM_BLOCKS):
         with contextlib.redirect_stdout(io.StringIO()):
-            self.space = TopologySearch(channel_mul=CHANNEL_MUL, num_blocks=NUM_BLOCKS, num_depths=NUM_DEPTHS,
+            self.space = TopologySearch(channel_mul=CHANNEL_MUL, num_blocks=num_blocks, num_depths=NUM_DEPTHS,
                                         use_downsample=True)
         self.model = DiNTS(dints_space=self.space, in_channels=1, num_classes=CLASSES, use_downsample=True)
         if our_space is not None:  # same initial weights as ours
@@ -102,17 +107,20 @@ class OurSearchStep:
         return float(terms["arch_seg"])  # one host sync per iteration, like the baseline's loss.item()
 
 
-def search_overrides(side: int, amp: bool, checkpoint_cells: bool = False, fraction: float = 1.0) -> list[str]:
-    return ["device=cpu", f"dints.num_blocks={NUM_BLOCKS}", f"dints.num_depths={NUM_DEPTHS}",
+def search_overrides(side: int, amp: bool, checkpoint_cells: bool = False, fraction: float = 1.0,
+                     num_blocks: int = NUM_BLOCKS, routing: bool = True) -> list[str]:
+    return ["device=cpu", f"dints.num_blocks={num_blocks}", f"dints.num_depths={NUM_DEPTHS}",
             f"dints.channel_mul={CHANNEL_MUL}", f"data.patch_size=[{side},{side},{side}]", "data.max_cases=2",
             "data.num_samples=1", "data.batch_size=1", f"search.amp={str(amp).lower()}", f"search.lr={LR}",
             f"search.arch_lr={ARCH_LR}", f"search.ram_cost_factor={RAM_COST_FACTOR}",
             f"search.checkpoint_cells={str(checkpoint_cells).lower()}", f"search.checkpoint_fraction={fraction}",
+            f"search.cpu_conv_routing={str(routing).lower()}",
             "search.iterations=10"]
 
 
 @contextlib.contextmanager
-def our_search_run(side: int, amp: bool, checkpoint_cells: bool = False, fraction: float = 1.0, seed: int = 0):
+def our_search_run(side: int, amp: bool, checkpoint_cells: bool = False, fraction: float = 1.0, seed: int = 0,
+                   num_blocks: int = NUM_BLOCKS, routing: bool = True):
     """A :class:`SearchRun` on a 6-case synthetic task in a temporary folder (closed and removed afterwards)."""
     from dints3d.config import load_config
     from dints3d.data.prepare import prepare
@@ -125,7 +133,7 @@ def our_search_run(side: int, amp: bool, checkpoint_cells: bool = False, fractio
         with contextlib.redirect_stdout(io.StringIO()):
             task = make_msd_task(root / "task", cases=6, test_cases=0, classes=CLASSES - 1, size=24, seed=seed)
             prepare(task, root / "work", folds=3, progress=False)
-        cfg = load_config(None, search_overrides(side, amp, checkpoint_cells, fraction))
+        cfg = load_config(None, search_overrides(side, amp, checkpoint_cells, fraction, num_blocks, routing))
         run = SearchRun(cfg, root / "work", root / "run", init_runtime("cpu"))
         try:
             yield run
@@ -138,3 +146,39 @@ def make_batches(side: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(1, 1, side, side, side, generator=g),
              torch.randint(0, CLASSES, (1, 1, side, side, side), generator=g)) for _ in range(2)]
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def measure_step_peak(step, batches, warm_batches) -> dict:
+    """One warm-up step on ``warm_batches`` (pages in kernels, creates the optimizer state), then one timed step on
+    ``batches`` with the peak-RSS counter reset (``/proc/self/clear_refs``): ``peak_mib`` = VmHWM − VmRSS before
+    the step, so activations, gradients and transient buffers count and the resident model does not. Linux only;
+    run it in a fresh process (:func:`run_in_fresh_process`)."""
+    step.step(warm_batches)
+    rss = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    start = time.perf_counter()
+    step.step(batches)
+    seconds = time.perf_counter() - start
+    return {"peak_mib": (_status_kib("VmHWM") - rss) / 1024, "seconds": seconds, "rss_before_mib": rss / 1024}
+
+
+def run_in_fresh_process(script: str, spec: dict, threads: int) -> dict:
+    """``python script --child JSON(spec)`` in a fresh interpreter; returns the JSON its last stdout line prints.
+
+    ``MALLOC_MMAP_THRESHOLD_`` is fixed so freed tensors leave the RSS (and the peak measures live memory); it also
+    makes every large allocation a fresh mmap, so times printed by such children are inflated."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], env=env, capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,10 +1,13 @@
 """Search-step wall time: dints3d's SearchRun vs plain MONAI (see bench/search_common.py), same inputs, interleaved.
 
 One search step = weight step + architecture step at L = 12, D = 4, channel_mul 0.5, batch 1, a ``--side``³ patch,
-3 classes, CPU, ``--threads`` torch threads, fp32 (or bf16 autocast with ``--amp``). Both start from the same
-weights; after one warm-up step each, ``--repeats`` steps alternate which side goes first. Reports the medians and
-their ratio (ours / MONAI; below 1 is faster), the first steps' loss agreement, and, with ``--profile``, the
-torch.profiler tables of one step each with the share of convolution kernels in the CPU time.
+3 classes, CPU, ``--threads`` torch threads, fp32 (or bf16 autocast with ``--amp``). Three variants start from the
+same weights: ``monai`` (the baseline), ``ours_same_kernels`` (``search.cpu_conv_routing=false``: every convolution
+runs the kernel PyTorch picks, as in the baseline — the figure that carries over to a GPU) and ``ours``
+(the default, ``cpu_conv_routing=true``: batch-1 convolutions PyTorch would run with ``slow_conv3d`` go to oneDNN,
+``dints3d/cpu_conv.py``). After one warm-up step each, ``--repeats`` rounds run every variant once, in rotating
+order. Reports the medians and ratios to MONAI (below 1 is faster), the first steps' loss agreement, and, with
+``--profile``, the torch.profiler tables of one step each with the share of convolution kernels in the CPU time.
 Usage: python bench/search_step.py [--side 64] [--repeats 3] [--threads 1] [--amp] [--profile]
 [--checkpoint-cells [--checkpoint-fraction F]] (ours with activation checkpointing of a fraction of the blocks).
 The last line printed is the JSON summary.
@@ -13,6 +16,7 @@ The last line printed is the JSON summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -60,35 +64,40 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batches = make_batches(args.side, seed=1)
-    with our_search_run(args.side, args.amp, args.checkpoint_cells, args.checkpoint_fraction) as run:
-        monai = MonaiSearchStep(run.space, args.amp)
-        ours = OurSearchStep(run)
-        # The same start: each side's first weight-step loss on the same batch.
-        first_ours = float(run.weight_step(*batches[0], 0.0))
-        first_monai = monai.weight_step(*batches[0])
-        loss_gap = abs(first_ours - first_monai) / abs(first_monai)
-        timed(monai, batches), timed(ours, batches)  # warm-up
-        times = {"monai": [], "ours": []}
+    with contextlib.ExitStack() as stack:
+        runs = {name: stack.enter_context(our_search_run(args.side, args.amp, args.checkpoint_cells,
+                                                         args.checkpoint_fraction, routing=routing))
+                for name, routing in (("ours", True), ("ours_same_kernels", False))}
+        runs["ours_same_kernels"].space.load_state_dict(runs["ours"].space.state_dict())
+        steps = {"monai": MonaiSearchStep(runs["ours"].space, args.amp),
+                 **{name: OurSearchStep(run) for name, run in runs.items()}}
+        # The same start: each variant's first weight-step loss on the same batch.
+        first = {name: float(run.weight_step(*batches[0], 0.0)) for name, run in runs.items()}
+        first["monai"] = steps["monai"].weight_step(*batches[0])
+        loss_gap = max(abs(v - first["monai"]) for v in first.values()) / abs(first["monai"])
+        for step in steps.values():
+            timed(step, batches)  # warm-up
+        names = list(steps)
+        times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.repeats):
-            order = (("monai", monai), ("ours", ours)) if r % 2 == 0 else (("ours", ours), ("monai", monai))
-            for name, step in order:
-                seconds, _ = timed(step, batches)
+            for name in names[r % 3:] + names[:r % 3]:
+                seconds, _ = timed(steps[name], batches)
                 times[name].append(seconds)
-                print(f"repeat {r}: {name:5s} {seconds:6.2f} s", flush=True)
+                print(f"repeat {r}: {name:17s} {seconds:6.2f} s", flush=True)
         profiles = {}
         if args.profile:
-            profiles = {"monai": profile_step(monai, batches, "plain MONAI"), "ours": profile_step(ours, batches, "dints3d")}
+            profiles = {name: profile_step(step, batches, name) for name, step in steps.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["ours"] / med["monai"]
-    if profiles:  # with convolutions as they are, ours cannot go below MONAI's convolution share
+    ratios = {k: round(med[k] / med["monai"], 3) for k in names if k != "monai"}
+    if profiles:  # with the baseline's convolution kernels, ours cannot go below MONAI's convolution share
         profiles["bound_with_same_convolutions"] = profiles["monai"]["conv_share"]
-    print(f"search step {args.side}^3 {'bf16' if args.amp else 'fp32'}: dints3d {med['ours']:.2f} s, "
-          f"MONAI {med['monai']:.2f} s, ratio {ratio:.3f}")
+    print(f"search step {args.side}^3 {'bf16' if args.amp else 'fp32'}: "
+          + ", ".join(f"{k} {med[k]:.2f} s" for k in names) + "; vs MONAI: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(json.dumps({"bench": "search_step", "side": args.side, "amp": args.amp, "threads": args.threads,
                       "checkpoint_cells": args.checkpoint_cells, "checkpoint_fraction": args.checkpoint_fraction,
-                      "repeats": args.repeats, "ours_median_s": round(med["ours"], 3),
-                      "monai_median_s": round(med["monai"], 3), "ratio": round(ratio, 3),
-                      "ours_s": [round(t, 3) for t in times["ours"]], "monai_s": [round(t, 3) for t in times["monai"]],
+                      "repeats": args.repeats, "median_s": {k: round(v, 3) for k, v in med.items()},
+                      "ratio_vs_monai": ratios, "times_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
                       "first_loss_relative_gap": float(f"{loss_gap:.2e}"), **({"profile": profiles} if profiles else {})}))
 
 
