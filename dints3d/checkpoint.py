@@ -1,11 +1,16 @@
 """Checkpoints that survive a kill at any moment and load with ``torch.load(weights_only=True)``.
 
-``save_checkpoint`` writes ``<name>.pt`` atomically and keeps the file it replaces as ``<name>.prev.pt``, so a
-checkpoint that is found truncated or garbled on resume falls back to the one before it, with a warning.
+``save_checkpoint`` writes ``<name>.pt`` atomically and keeps the file it replaces as ``<name>.prev.pt``. The order
+of the steps is what makes a kill harmless: the new checkpoint is written and fsynced to a temporary file first; only
+then is the old one kept as ``<name>.prev.pt`` (a hard link, so ``<name>.pt`` never disappears), and finally the
+temporary file is renamed over ``<name>.pt``. On resume a missing, truncated or garbled ``<name>.pt`` falls back to
+``<name>.prev.pt`` with a warning. Garbage inside tensor data does not break unpickling, so every checkpoint carries
+a digest of its contents (``"digest"``), checked on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -17,43 +22,100 @@ from dints3d.errors import DintsError
 from dints3d.io import atomic_path
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that unpickles but is not what was saved."""
+
+
 def previous_path(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _keep_as_previous(path: Path) -> None:
+    """Make ``<name>.prev.pt`` the current ``<name>.pt``, leaving ``<name>.pt`` in place when the file system
+    has hard links (else it is renamed, and a kill before the new file arrives leaves only ``<name>.prev.pt``,
+    which :func:`load_checkpoint` falls back to)."""
+    previous = previous_path(path)
+    link = path.with_name(f".{previous.name}.{os.getpid()}.tmp")  # removed as a stale temporary if we are killed
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)
+        return
+    os.replace(link, previous)
+
+
+def content_digest(state: Any) -> str:
+    """BLAKE2b of every key, value and tensor byte of ``state``, in order (dicts keep their insertion order
+    through ``torch.save``/``torch.load``)."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def visit(value: Any) -> None:
+        if torch.is_tensor(value):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            h.update(f"D{len(value)}".encode())
+            for k, v in value.items():
+                h.update(repr(k).encode())
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            h.update(f"L{len(value)}".encode())
+            for v in value:
+                visit(v)
+        else:
+            h.update(repr(value).encode())
+
+    visit(state)
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` (tensors, numbers, strings, lists, dicts only) to ``path``."""
+    """Atomically write ``state`` (tensors, numbers, strings, lists, dicts only) and its digest to ``path``."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save({**state, "digest": content_digest(state)}, tmp)
+        _fsync(tmp)  # the new checkpoint is complete on disk before the old one is touched
         if path.exists():
-            os.replace(path, previous_path(path))
+            _keep_as_previous(path)
     return path
 
 
 def _load(path: Path, map_location: Any) -> dict:
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError("not a checkpoint dictionary")
+        raise CorruptCheckpoint("not a checkpoint dictionary")
+    digest = state.pop("digest", None)  # checkpoints of earlier versions have none
+    if digest is not None and digest != content_digest(state):
+        raise CorruptCheckpoint("contents do not match their digest")
     return state
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load ``path``; if it is unreadable, fall back to ``<name>.prev.pt`` with a warning, else raise
+    """Load ``path``; if it is missing or unreadable, fall back to ``<name>.prev.pt`` with a warning, else raise
     :class:`DintsError` naming the file."""
     path = Path(path)
-    if not path.exists() and not previous_path(path).exists():
+    previous = previous_path(path)
+    if not path.exists() and not previous.exists():
         raise DintsError(path, "checkpoint not found")
-    errors = []
-    for candidate in (path, previous_path(path)):
+    problems = []
+    for candidate in (path, previous):
         if not candidate.exists():
+            problems.append(f"{candidate.name}: missing")
             continue
         try:
             state = _load(candidate, map_location)
         except Exception as e:  # noqa: BLE001 - any unpickling/zip failure means "corrupt"
-            errors.append(f"{candidate.name}: {type(e).__name__}")
+            problems.append(f"{candidate.name}: {e if isinstance(e, CorruptCheckpoint) else type(e).__name__}")
             continue
         if candidate != path:
-            warnings.warn(f"{path} is unreadable ({errors[0]}); resuming from the previous checkpoint {candidate}")
+            warnings.warn(f"{path} is {'missing' if not path.exists() else 'unreadable'} ({problems[0]}); "
+                          f"resuming from the previous checkpoint {candidate}", stacklevel=2)
         return state
-    raise DintsError(path, f"checkpoint is corrupt and no readable previous checkpoint exists ({'; '.join(errors)})")
+    raise DintsError(path, f"checkpoint is corrupt and no readable previous checkpoint exists ({'; '.join(problems)})")

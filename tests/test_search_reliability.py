@@ -174,3 +174,67 @@ def test_preflight_errors_are_one_line(work, tmp_path, capsys, overrides, expect
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(expected), err
+
+
+class _Crash(Exception):
+    """Stands in for a SIGKILL at one point of a checkpoint write."""
+
+
+@pytest.mark.parametrize("call", ["torch.save", "fsync-1", "fsync-2", "link", "replace-1", "replace-2"])
+def test_a_crash_anywhere_in_a_checkpoint_write_leaves_a_loadable_last_pt(tmp_path, monkeypatch, call):
+    """Abort ``save_checkpoint`` at each file-system step in turn: ``last.pt`` itself must then hold the old or the
+    new state (never only ``last.prev.pt``), and loading it needs no fallback."""
+    import warnings
+
+    from dints3d import checkpoint
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint(path, {"n": torch.tensor(1)})
+    checkpoint.save_checkpoint(path, {"n": torch.tensor(2)})
+    name, _, nth = call.partition("-")
+    calls = {"count": 0}
+
+    def crash_at(real):
+        def wrapped(*args, **kwargs):
+            calls["count"] += 1
+            if calls["count"] == int(nth or 1):
+                raise _Crash(call)
+            return real(*args, **kwargs)
+        return wrapped
+
+    if name == "torch.save":
+        monkeypatch.setattr(torch, "save", crash_at(torch.save))
+    else:
+        monkeypatch.setattr(os, name, crash_at(getattr(os, name)))
+    with pytest.raises(_Crash):
+        checkpoint.save_checkpoint(path, {"n": torch.tensor(3)})
+    monkeypatch.undo()
+    assert path.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert int(checkpoint.load_checkpoint(path)["n"]) in (2, 3)
+    assert int(torch.load(checkpoint.previous_path(path), weights_only=True)["n"]) in (1, 2)
+
+
+def test_only_the_previous_checkpoint_left_resumes_from_it_with_a_warning(work, tmp_path):
+    """The state a kill between rotating last.pt away and renaming the new file in could leave (on a file system
+    without hard links): only last.prev.pt. `--resume auto` resumes from it."""
+    out = tmp_path / "run"
+    assert main(_cli_args(work, out, "--stop-after", "3")) == 0
+    (out / "checkpoints" / "last.pt").replace(out / "checkpoints" / "last.prev.pt")
+    with pytest.warns(UserWarning, match=r"last.pt is missing .*previous checkpoint"):
+        assert main(_cli_args(work, out, "--resume", "auto")) == 0
+    assert json.loads((out / "arch.json").read_text())["provenance"]["iteration"] == 6
+
+
+def test_garbled_last_checkpoint_falls_back_to_previous_with_warning(work, tmp_path):
+    out = tmp_path / "run"
+    assert main(_cli_args(work, out, "--stop-after", "3")) == 0
+    last = out / "checkpoints" / "last.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 4000] = os.urandom(4000)  # same size, garbage in the middle
+    last.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"last.pt is unreadable .*previous checkpoint"):
+        assert main(_cli_args(work, out, "--resume")) == 0
+    assert (out / "arch.json").exists()
+
