@@ -159,3 +159,20 @@ def test_reports_the_discretization_gap():
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="num_depths=4"):
         decode_topology(torch.zeros(12, 7), torch.zeros(12, 7, 5), DintsTopology(4))
+
+
+def test_search_space_decode_reports_the_unconstrained_argmax():
+    """``DintsSearchSpace.decode`` keeps the per-layer argmax codes (they go into arch.json provenance and
+    arch_history), not just whether they were connected."""
+    from dints3d.spaces.dints import DintsSearchSpace
+
+    space = DintsSearchSpace(in_channels=1, num_classes=2, num_blocks=2, num_depths=3, channel_mul=0.125)
+    planted = np.zeros((2, 7), dtype=np.int64)
+    planted[0, 0] = planted[1, 1] = 1  # layer 0 writes node 0, layer 1 reads node 1 only: disconnected
+    with torch.no_grad():
+        space.log_alpha_a.copy_(torch.tensor(np.where(planted == 1, 6.0, -6.0)))
+    arch, info = space.decode()
+    assert info["argmax_arch_code_a"] == planted.tolist()
+    assert info["argmax_connected"] is False
+    assert arch.arch_code_a.tolist() != planted.tolist()
+    assert info["active_paths"] == int(np.asarray(arch.arch_code_a).sum())

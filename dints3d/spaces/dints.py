@@ -392,6 +392,9 @@ class DintsSearchSpace(SearchSpace):
         info = {
             "decode_cost": float(result.cost),
             "active_paths": int(result.arch_code_a.sum()),
+            # the per-layer most probable patterns, ignoring feasibility (arch_code_c is already unconstrained),
+            # and whether they form a connected chain: the discretization gap the topology loss should close
+            "argmax_arch_code_a": result.arch_code_a_max.tolist(),
             "argmax_connected": bool(result.unconstrained_connected),
         }
         return arch, info
