@@ -52,11 +52,17 @@ def check_free_disk(folder: str | os.PathLike, needed: int, purpose: str = "the 
                          f"available ({advice})")
 
 
-def out_of_memory_advice(predicted_bytes: int | None, patch: Sequence[int], checkpoint_cells: bool) -> str:
-    """What to tell a user whose GPU ran out of memory."""
+def out_of_memory_advice(predicted_bytes: int | None, patch: Sequence[int], checkpoint_cells: bool,
+                         stage: str | None = None) -> str:
+    """What to tell a user whose GPU ran out of memory in a search step (``predicted_bytes``: the memory model's
+    need of one step), or during ``stage="validation"``: sliding windows of the patch size without gradients, so
+    the window batch and the patch size are what matter there (activation checkpointing saves nothing)."""
+    if stage == "validation":
+        return (f"CUDA out of memory during validation; try search.val_sw_batch_size=1, "
+                f"a smaller data.patch_size than {list(patch)}")
     predicted = "" if predicted_bytes is None else f"; predicted need {predicted_bytes / 2**30:.1f} GiB"
-    advice = [f"a smaller data.patch_size than {list(patch)}", "a lower search.ram_cost_factor or memory_budget_gb",
-              "data.batch_size=1 / data.num_samples=1"]
+    # not σ / memory_budget_gb: they shape the decoded network, while the supernet always runs every path
+    advice = [f"a smaller data.patch_size than {list(patch)}", "data.batch_size=1 / data.num_samples=1"]
     if not checkpoint_cells:
         advice.insert(0, "search.checkpoint_cells=true (about half the memory for ~1.3x the time)")
     return f"CUDA out of memory{predicted}; try " + ", ".join(advice)

@@ -32,16 +32,15 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self, enabled: bool) -> contextlib.AbstractContextManager:
-        """fp16 autocast on CUDA, bf16 on CPU (CPU has no fast fp16 kernels)."""
-        if not enabled:
+        """Autocast in the precision :func:`amp_policy` picks for this device."""
+        dtype, _ = amp_policy(self.device.type, enabled)
+        if dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def grad_scaler(self, amp: bool) -> torch.amp.GradScaler:
-        """Loss scaling only for fp16 on CUDA; bf16 has fp32's range and needs none (a disabled scaler is a no-op)."""
-        return torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
-
+        """A GradScaler, enabled when :func:`amp_policy` asks for loss scaling (a disabled scaler is a no-op)."""
+        return torch.amp.GradScaler(self.device.type, enabled=amp_policy(self.device.type, amp)[1])
 
     def all_true(self, flag: bool) -> bool:
         """``flag`` and-ed over ranks, so every rank takes the same branch (e.g. skipping a non-finite step)."""
@@ -70,6 +69,22 @@ class Runtime:
         for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
 
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        """All-reduce (mean) the running statistics of every normalization layer that tracks them (BatchNorm in
+        the Auto-DeepLab and DPC supernets), which each rank otherwise updates from its own batches only. Other
+        buffers are constants, identical on every rank, and are left alone (a mean over 3 ranks may round them)."""
+        if not self.distributed:
+            return
+        stats = [buffer for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                 and m.track_running_stats for buffer in (m.running_mean, m.running_var) if buffer is not None]
+        if not stats:
+            return
+        flat = torch._utils._flatten_dense_tensors([b.data for b in stats])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for b, synced in zip(stats, torch._utils._unflatten_dense_tensors(flat, [b.data for b in stats])):
+            b.data.copy_(synced)
+
     def replica_spread(self, tensors: list[torch.Tensor]) -> float:
         """Largest difference of any element of ``tensors`` between ranks (0.0 when all ranks agree exactly)."""
         if not self.distributed:
@@ -84,6 +99,17 @@ class Runtime:
         if self.distributed and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def amp_policy(device_type: str, enabled: bool) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to scale the loss) for ``amp: enabled`` on a ``device_type`` device:
+    fp16 with a GradScaler on CUDA; bf16 without one elsewhere (CPU has no fast fp16 kernels, and bf16 has fp32's
+    exponent range, so gradients do not underflow)."""
+    if not enabled:
+        return None, False
+    if device_type == "cuda":
+        return torch.float16, True
+    return torch.bfloat16, False
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -119,3 +145,47 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_states(device: torch.device) -> dict:
+    """Python ``random``, numpy, torch CPU and (on a CUDA device) CUDA generator states, as tensors, ints and
+    lists only, so a checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+    version, mt, gauss = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    states = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"bit_generator": numpy["bit_generator"],
+                  "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)), "pos": int(numpy["state"]["pos"]),
+                  "has_gauss": int(numpy["has_gauss"]), "gauss": float(numpy["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    """Restore :func:`rng_states`. Raises ``ValueError`` when ``states`` is not such a dict (a damaged checkpoint);
+    a CUDA state is restored only on a CUDA device (a run resumed on another device type draws fresh CUDA numbers)."""
+    try:
+        py, numpy = states["python"], states["numpy"]
+        mt = tuple(int(v) for v in py["state"].tolist())
+        key = np.asarray(numpy["key"].tolist(), dtype=np.uint32)
+        if len(mt) != 625 or key.shape != (624,) or numpy["bit_generator"] != "MT19937":
+            raise ValueError("wrong Mersenne Twister state size")
+        numpy_state = {"bit_generator": "MT19937", "state": {"key": key, "pos": int(numpy["pos"])},
+                       "has_gauss": int(numpy["has_gauss"]), "gauss": float(numpy["gauss"])}
+        python_state = (int(py["version"]), mt, None if py["gauss"] is None else float(py["gauss"]))
+        torch_state = states["torch"]
+        if not (torch.is_tensor(torch_state) and torch_state.dtype == torch.uint8):
+            raise ValueError("torch generator state is not a byte tensor")
+        cuda_state = states.get("cuda") if device.type == "cuda" else None
+        if cuda_state is not None and not (torch.is_tensor(cuda_state) and cuda_state.dtype == torch.uint8):
+            raise ValueError("CUDA generator state is not a byte tensor")
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None

@@ -238,3 +238,23 @@ def test_garbled_last_checkpoint_falls_back_to_previous_with_warning(work, tmp_p
         assert main(_cli_args(work, out, "--resume")) == 0
     assert (out / "arch.json").exists()
 
+
+def test_cuda_out_of_memory_during_validation_is_explained(work, tmp_path, monkeypatch):
+    """An OOM in the sliding-window validation (no gradients) gets the one-line advice too, not a traceback."""
+    cfg = load_config(None, TINY)
+    run = SearchRun(cfg, work, tmp_path / "oom_val", init_runtime("cpu"))
+    real = run.space.forward
+
+    def exhausted_without_grad(x):
+        if not torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(x)
+
+    monkeypatch.setattr(run.space, "forward", exhausted_without_grad)
+    try:
+        with pytest.raises(DintsError, match=r"out of memory during validation; try search.val_sw_batch_size=1, "
+                                             r"a smaller data.patch_size than \[32, 32, 32\]"):
+            run.run()
+        assert run.state.iteration == 3  # the steps ran; validation (every 3 iterations) hit the error
+    finally:
+        run.close()

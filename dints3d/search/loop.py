@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -34,13 +35,23 @@ from dints3d.preflight import (
     out_of_memory_advice,
     remove_stale_temporaries,
 )
-from dints3d.runtime import Runtime, seed_everything
+from dints3d.runtime import Runtime, rng_states, seed_everything, set_rng_states
 from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
 from dints3d.search.validate_iou import validate_scores, validation_metric
 from dints3d.spaces.base import SearchSpace
 from dints3d.spaces.factory import build_search_space
 
 WEIGHT_STREAM, ARCH_STREAM = 0, 1
+STREAM_NAMES = {WEIGHT_STREAM: "weights", ARCH_STREAM: "arch"}
+
+#: Settings a resumed search may change (with a warning): what the non-finite stop advises, the length of the run,
+#: and how often it validates, checkpoints and checks itself. Anything else (the space, the data, the losses,
+#: the seed …) would make the checkpoint describe another search and is refused.
+RESUME_MAY_CHANGE = (
+    "search.lr", "search.arch_lr", "search.amp", "search.max_nonfinite_steps", "search.iterations",
+    "search.val_interval", "search.checkpoint_interval", "search.val_sw_batch_size", "search.val_overlap",
+    "search.check_replicas", "data.num_workers",
+)
 
 
 @dataclasses.dataclass
@@ -50,7 +61,12 @@ class LoopState:
     iteration: int = 0  #: iterations completed
     best_dice: float = -1.0
     nonfinite_total: int = 0
-    nonfinite_consecutive: int = 0
+    #: consecutive non-finite losses per step kind ("weight", "architecture")
+    nonfinite_streak: dict = dataclasses.field(default_factory=lambda: {"weight": 0, "architecture": 0})
+    stopped_nonfinite: bool = False  #: the checkpoint was written by a non-finite stop
+    #: samples of each stream consumed by all processes together: where a resumed run, under any number of
+    #: processes, continues reading
+    consumed: dict = dataclasses.field(default_factory=lambda: {"weights": 0, "arch": 0})
     last_dice: list = dataclasses.field(default_factory=list)
 
 
@@ -88,7 +104,7 @@ class SearchRun:
             if not last.exists() and not (self.ckpt_dir / "last.prev.pt").exists():
                 raise DintsError(last, "no checkpoint to resume from (start without --resume)")
             saved = load_checkpoint(last)
-            self._check_same_config(saved, last)
+            self._check_resumable_config(saved, last)
         elif last.exists():
             raise DintsError(self.out, "already holds a search; pass --resume to continue it or choose another --out")
         else:
@@ -107,9 +123,12 @@ class SearchRun:
         self.loss_fn = segmentation_loss(self.plan)  # DiceCE (MSD) or cross-entropy ignoring 255 (Cityscapes)
         self._make_optimizers()
         self.state = LoopState()
+        self._nonfinite_stop: str | None = None
         if saved is not None:
-            self._restore(saved)
+            self._restore(saved, last)
         self._make_data()
+        if saved is not None:  # last, so that nothing above draws from the restored generators
+            self._restore_rng(saved, last)
         self.writer = None
         if runtime.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -119,15 +138,25 @@ class SearchRun:
             self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=self.state.iteration)
 
     # ----------------------------------------------------------------------------------------------- setup
-    def _check_same_config(self, saved: dict, path: Path) -> None:
-        before = config_from_dict(saved["config"], str(path))
-        now = dataclasses.replace(self.cfg, search=dataclasses.replace(self.cfg.search, val_interval=0,
-                                                                       checkpoint_interval=0))
-        then = dataclasses.replace(before, search=dataclasses.replace(before.search, val_interval=0,
-                                                                      checkpoint_interval=0))
-        if config_to_dict(now) != config_to_dict(then):
-            diff = _first_difference(config_to_dict(then), config_to_dict(now))
-            raise DintsError(path, f"was written with a different config ({diff}); resume with the same settings")
+    def _check_resumable_config(self, saved: dict, path: Path) -> None:
+        """Refuse a resume whose config differs from the checkpoint's outside :data:`RESUME_MAY_CHANGE`; warn
+        about the changes allowed."""
+        then = _leaves(config_to_dict(config_from_dict(saved["config"], str(path))))
+        now = _leaves(config_to_dict(self.cfg))
+        changed = [key for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
+        refused = [key for key in changed if key not in RESUME_MAY_CHANGE]
+        if refused:
+            key = refused[0]
+            raise DintsError(path, f"was written with a different config ({key}: {then.get(key)!r} then, "
+                             f"{now.get(key)!r} now); resume with the same settings (only "
+                             f"{', '.join(RESUME_MAY_CHANGE)} may change)")
+        done = int(saved["loop"].get("iteration", 0)) if isinstance(saved.get("loop"), dict) else 0
+        if self.cfg.search.iterations < done:
+            raise DintsError(path, f"holds {done} completed iterations, more than search.iterations="
+                             f"{self.cfg.search.iterations}")
+        if changed:
+            warnings.warn("resuming with changed settings: " + ", ".join(
+                f"{key} {then.get(key)!r} → {now.get(key)!r}" for key in changed), stacklevel=2)
 
     def _apply_memory_budget(self) -> dict | None:
         """Translate ``search.memory_budget_gb`` into σ for the memory loss (``dints3d/search/budget.py``)."""
@@ -155,10 +184,11 @@ class SearchRun:
         self.opt_w = torch.optim.SGD(self.weight_params, lr=s.lr * scale, momentum=s.momentum,
                                      weight_decay=s.weight_decay)
         self.base_lr = s.lr * scale
+        self.arch_lr = s.arch_lr * scale
         self.arch_groups = self.space.arch_parameter_groups()
         self.arch_params = [p for group in self.arch_groups.values() for p in group]
         self.opt_arch = {
-            name: torch.optim.Adam(params, lr=s.arch_lr * scale, betas=tuple(s.arch_betas),
+            name: torch.optim.Adam(params, lr=self.arch_lr, betas=tuple(s.arch_betas),
                                    weight_decay=s.arch_weight_decay)
             for name, params in self.arch_groups.items()
         }
@@ -166,22 +196,16 @@ class SearchRun:
         self.scaler_a = self.rt.grad_scaler(s.amp)
 
     def _make_data(self) -> None:
-        d, s = self.cfg.data, self.cfg.search
+        d = self.cfg.data
         fold = d.fold
         cache_dev = self.rt.device if d.gpu_cache and self.rt.device.type == "cuda" else None
         transform = train_transforms(self.plan, self.patch, d.num_samples, d.augment, device=cache_dev)
-        remaining = s.iterations - self.state.iteration
-        warmup = warmup_iterations(s.iterations, s.warmup_fraction)
-        self.streams = {}
+        self.train_data = {}
         for stream_id, key in ((WEIGHT_STREAM, f"fold{fold}_weights"), (ARCH_STREAM, f"fold{fold}_arch")):
             items = load_items(self.work, key, d.max_cases)
             cache_dir = None if d.cache_dir is None else Path(d.cache_dir) / "train"
-            base = make_dataset(items, transform, d.cache_rate, cache_dir, d.num_workers, progress=self.rt.is_main)
-            length = s.iterations * d.batch_size
-            stream = PatchStream(base, self.cfg.seed, stream_id, length, self.rt.rank, self.rt.world_size)
-            start = self.state.iteration if stream_id == WEIGHT_STREAM else max(0, self.state.iteration - warmup)
-            self.streams[stream_id] = (stream, start)
-        self.remaining = remaining
+            self.train_data[stream_id] = make_dataset(items, transform, d.cache_rate, cache_dir, d.num_workers,
+                                                      progress=self.rt.is_main)
         val_items = load_items(self.work, f"fold{fold}_validation", d.max_cases)
         if self.rt.distributed:
             val_items = val_items[self.rt.rank :: self.rt.world_size]
@@ -189,14 +213,18 @@ class SearchRun:
                                      d.num_workers, progress=self.rt.is_main)
 
     def _loader(self, stream_id: int) -> Iterator:
-        stream, start = self.streams[stream_id]
+        """A persistent iterator over the stream's samples, continuing after every sample consumed so far (by
+        however many processes earlier sessions had); each rank reads at most a batch per remaining iteration."""
         d = self.cfg.data
-        return iter(stream_loader(stream, d.batch_size, start, d.num_workers, d.gpu_cache))
+        remaining = self.cfg.search.iterations - self.state.iteration
+        stream = PatchStream(self.train_data[stream_id], self.cfg.seed, stream_id, remaining * d.batch_size,
+                             self.rt.rank, self.rt.world_size, offset=self.state.consumed[STREAM_NAMES[stream_id]])
+        return iter(stream_loader(stream, d.batch_size, 0, d.num_workers, d.gpu_cache))
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def _state_dict(self) -> dict:
         return {
-            "format": "dints3d-search-checkpoint-1",
+            "format": "dints3d-search-checkpoint-2",
             "config": config_to_dict(self.cfg),
             "model": self.space.state_dict(),
             "opt_w": self.opt_w.state_dict(),
@@ -204,20 +232,43 @@ class SearchRun:
             "scaler_w": self.scaler_w.state_dict(),
             "scaler_a": self.scaler_a.state_dict(),
             "loop": dataclasses.asdict(self.state),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_states(self.rt.device),
         }
 
-    def _restore(self, saved: dict) -> None:
+    def _restore(self, saved: dict, path: Path) -> None:
         self.space.load_state_dict(saved["model"])
         self.opt_w.load_state_dict(saved["opt_w"])
         for k, o in self.opt_arch.items():
             o.load_state_dict(saved["opt_arch"][k])
-        self.scaler_w.load_state_dict(saved["scaler_w"])
-        self.scaler_a.load_state_dict(saved["scaler_a"])
-        self.state = LoopState(**saved["loop"])
-        torch.set_rng_state(saved["torch_rng"])
+            for group in o.param_groups:  # a resume may lower search.arch_lr, or run on another number of processes
+                group["lr"] = self.arch_lr
+        for scaler, key in ((self.scaler_w, "scaler_w"), (self.scaler_a, "scaler_a")):
+            if saved[key] or not scaler.is_enabled():  # a run that turns amp on starts with a fresh scaler
+                scaler.load_state_dict(saved[key])
+        self.state = _loop_state(saved["loop"], self.cfg, self.rt.world_size)
+        if self.state.stopped_nonfinite:
+            self.state.stopped_nonfinite = False
+            self.state.nonfinite_streak = {kind: 0 for kind in self.state.nonfinite_streak}
+            if self.rt.is_main:
+                tqdm.write(f"{path} was written by a non-finite stop; counting consecutive non-finite losses afresh")
+
+    def _restore_rng(self, saved: dict, path: Path) -> None:
+        """Python, numpy, torch and CUDA generators as they were when ``saved`` was written."""
+        states = saved.get("rng")
+        if states is None:  # older checkpoints kept the torch CPU generator only
+            states = {"torch": saved.get("torch_rng")}
+        try:
+            if set(states) == {"torch"} and torch.is_tensor(states["torch"]) and states["torch"].dtype == torch.uint8:
+                torch.set_rng_state(states["torch"])
+            else:
+                set_rng_states(states, self.rt.device)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise DintsError(path, f"holds an unusable random generator state ({e})") from None
 
     def save(self, name: str = "last") -> None:
+        """Write ``checkpoints/<name>.pt`` (rank 0). Every rank must call it: normalization statistics are averaged
+        over the ranks first, so the checkpoint holds the statistics of all the data seen."""
+        self.rt.average_buffers(self.space)
         if self.rt.is_main:
             save_checkpoint(self.ckpt_dir / f"{name}.pt", self._state_dict())
 
@@ -228,25 +279,36 @@ class SearchRun:
         for p in self.arch_params:
             p.requires_grad_(not weights)
 
-    def _batch(self, it: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, it: Iterator, stream_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(it)
+        self.state.consumed[STREAM_NAMES[stream_id]] += self.cfg.data.batch_size * self.rt.world_size
         dev = self.rt.device
         return batch["image"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
 
     def _finite_or_skip(self, loss: torch.Tensor, kind: str) -> bool:
+        """Whether ``loss`` is finite on every rank; if not, count it. ``search.max_nonfinite_steps`` in a row of
+        one kind (``weight`` or ``architecture``) make :meth:`run` stop once the iteration is complete."""
+        streak = self.state.nonfinite_streak
         if self.rt.all_true(bool(torch.isfinite(loss).item())):
-            self.state.nonfinite_consecutive = 0
+            streak[kind] = 0
             return True
         self.state.nonfinite_total += 1
-        self.state.nonfinite_consecutive += 1
+        streak[kind] += 1
         tqdm.write(f"warning: non-finite {kind} loss at iteration {self.state.iteration}; step skipped "
-                   f"({self.state.nonfinite_consecutive} in a row, {self.state.nonfinite_total} in total)")
-        if self.state.nonfinite_consecutive >= self.cfg.search.max_nonfinite_steps:
-            self.save()
-            raise DintsError(self.ckpt_dir / "last.pt", f"{self.state.nonfinite_consecutive} consecutive non-finite "
-                             "losses; stopped with a resumable checkpoint (check the data for NaN/Inf, lower the "
-                             "learning rate, or disable amp)")
+                   f"({streak[kind]} in a row, {self.state.nonfinite_total} in total)")
+        if streak[kind] >= self.cfg.search.max_nonfinite_steps:
+            self._nonfinite_stop = f"{streak[kind]} consecutive non-finite {kind} losses"
         return False
+
+    def _stop_nonfinite(self) -> None:
+        """Checkpoint the completed iteration (its skipped steps included, so a resume neither repeats an update
+        nor re-reads the batch) and stop with what the user can change on resume."""
+        self.state.stopped_nonfinite = True
+        self.save()
+        raise DintsError(self.ckpt_dir / "last.pt", f"{self._nonfinite_stop} up to iteration "
+                         f"{self.state.iteration - 1}; stopped with a resumable checkpoint. Check the data for "
+                         "NaN/Inf, then continue with --resume and, e.g., --set search.lr=<lower> / "
+                         "search.arch_lr=<lower> / search.amp=false / search.max_nonfinite_steps=<more>")
 
     def weight_step(self, image: torch.Tensor, label: torch.Tensor, lr: float) -> float | None:
         self._set_trainable(weights=True)
@@ -288,6 +350,7 @@ class SearchRun:
     # ------------------------------------------------------------------------------------------- validation
     def validate_and_decode(self) -> dict:
         """Validation Dice (MSD) or IoU (Cityscapes) of the supernet and a decode snapshot (``arch_history/``)."""
+        self.rt.average_buffers(self.space)  # validate with the statistics of every rank's batches, as one network
         dice = validate_scores(self.plan, self.space, (self.val_data[i] for i in range(len(self.val_data))),
                                self.patch, self.rt.device, self.rt.autocast(self.cfg.search.amp),
                                self.cfg.search.val_sw_batch_size, self.cfg.search.val_overlap)
@@ -356,7 +419,7 @@ class SearchRun:
         while self.state.iteration < end:
             t = self.state.iteration
             t0 = time.perf_counter()
-            image, label = self._batch(weights_it)
+            image, label = self._batch(weights_it, WEIGHT_STREAM)
             t1 = time.perf_counter()
             lr = weight_lr(t, total, warmup, self.base_lr, s.lr_schedule, s.lr_decay_points, s.lr_min)
             with self._explain_out_of_memory():
@@ -366,7 +429,7 @@ class SearchRun:
             if t >= warmup:
                 arch_it = arch_it or self._loader(ARCH_STREAM)
                 t2 = time.perf_counter()
-                a_image, a_label = self._batch(arch_it)
+                a_image, a_label = self._batch(arch_it, ARCH_STREAM)
                 t1 += time.perf_counter() - t2
                 ramp = regularizer_ramp(t, total, warmup)
                 with self._explain_out_of_memory():
@@ -382,8 +445,12 @@ class SearchRun:
             done = self.state.iteration
             if self.rt.is_main and (done % 10 == 0 or done == end):
                 self._log(logs, lr, wait / max(wait + compute, 1e-9), bar)
+            if self._nonfinite_stop is not None:
+                bar.close()
+                self._stop_nonfinite()
             if done % s.val_interval == 0 or done == total:
-                result = self.validate_and_decode()
+                with self._explain_out_of_memory("validation"):
+                    result = self.validate_and_decode()
                 if result["mean_dice"] > self.state.best_dice:
                     self.state.best_dice = result["mean_dice"]
                     self.save("best")
@@ -396,21 +463,26 @@ class SearchRun:
         return self.finish()
 
     @contextlib.contextmanager
-    def _explain_out_of_memory(self):
-        """Turn a CUDA out-of-memory error into one line with the predicted need and what to change."""
+    def _explain_out_of_memory(self, stage: str | None = None):
+        """Turn a CUDA out-of-memory error into one line with what to change: in a search step with the predicted
+        need of the step, during ``stage`` (``"validation"``) with what bounds that stage's memory."""
         try:
             yield
         except torch.OutOfMemoryError:
-            predicted = None
-            with contextlib.suppress(Exception):
-                from dints3d.memory import predict_search_step_memory
-
-                predicted = predict_search_step_memory(
-                    self.space.hparams, self.input_shape[1:], batch=self.cfg.data.batch_size * self.cfg.data.num_samples,
-                    amp=self.cfg.search.amp, num_classes=int(self.plan["out_channels"]),
-                    device=self.rt.device.type)["peak"]
+            predicted = self._predicted_step_bytes() if stage is None else None
             raise DintsError(str(self.rt.device), out_of_memory_advice(predicted, self.patch,
-                                                                  self.cfg.search.checkpoint_cells)) from None
+                                                                  self.cfg.search.checkpoint_cells, stage)) from None
+
+    def _predicted_step_bytes(self) -> int | None:
+        """Peak memory of one search step by the memory model, or None where it has no answer (e.g. this space)."""
+        with contextlib.suppress(Exception):
+            from dints3d.memory import predict_search_step_memory
+
+            return predict_search_step_memory(
+                self.space.hparams, self.input_shape[1:], batch=self.cfg.data.batch_size * self.cfg.data.num_samples,
+                amp=self.cfg.search.amp, num_classes=int(self.plan["out_channels"]),
+                device=self.rt.device.type)["peak"]
+        return None
 
     def _log(self, logs: dict, lr: float, wait_fraction: float, bar: tqdm) -> None:
         t = self.state.iteration
@@ -469,11 +541,24 @@ def _allgather_mean(dice: list[float], rt: Runtime) -> list[float]:
     return torch.nanmean(torch.stack(gathered), 0).cpu().tolist()
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-                return _first_difference(a[key], b[key], f"{prefix}{key}.")
-            return f"{prefix}{key}: {a.get(key)!r} then, {b.get(key)!r} now"
-    return "no difference"
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """``{"search": {"lr": 0.1}}`` → ``{"search.lr": 0.1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _loop_state(saved: dict, cfg: Config, world_size: int) -> LoopState:
+    """A checkpoint's loop state; fields older checkpoints lack get what the run must have done."""
+    known = {f.name for f in dataclasses.fields(LoopState)}
+    state = LoopState(**{k: v for k, v in saved.items() if k in known})
+    if "consumed" not in saved:  # written before the counts were kept: assume the same number of processes
+        s, per_step = cfg.search, cfg.data.batch_size * world_size
+        arch_steps = max(0, state.iteration - warmup_iterations(s.iterations, s.warmup_fraction))
+        state.consumed = {"weights": state.iteration * per_step, "arch": arch_steps * per_step}
+    return state
 

@@ -17,7 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set search.iterations=2000 (repeatable)")
     parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
-                        help="continue from RUN/checkpoints/last.pt; `--resume auto` continues when a checkpoint "
+                        help="continue from RUN/checkpoints/last.pt (or last.prev.pt if it is damaged), under any "
+                             "number of processes, with the same config except search.lr, search.arch_lr, "
+                             "search.amp, search.max_nonfinite_steps, search.iterations and the validation/"
+                             "checkpoint settings (docs/search.md); `--resume auto` continues when a checkpoint "
                              "exists and starts fresh otherwise (for `torchrun --max-restarts` and job requeues)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="ITER",
                         help="stop once ITER iterations are done, leaving a resumable checkpoint (job time limits)")
