@@ -53,3 +53,34 @@ def test_ranks_read_their_own_share_of_the_one_process_sequence():
         for i in range(4):
             assert np.array_equal(np.asarray(stream[i]["image"]), sequence[2 * i + rank])
     assert not np.array_equal(np.asarray(ranks[0][0]["image"]), np.asarray(ranks[1][0]["image"]))
+
+
+def test_resumed_under_another_world_size_the_learning_rates_are_rescaled(tmp_path):
+    """A checkpoint of a 4-process run resumed by 1 process: Adam's saved learning rate (4 × arch_lr) is replaced
+    by the one for 1 process (the weights' SGD rate is set every step from the schedule anyway)."""
+    four = _optimizers(4, True)
+    saved = {"model": four.space.state_dict(), "opt_w": four.opt_w.state_dict(),
+             "opt_arch": {k: o.state_dict() for k, o in four.opt_arch.items()},
+             "scaler_w": four.scaler_w.state_dict(), "scaler_a": four.scaler_a.state_dict(),
+             "loop": {"iteration": 3, "consumed": {"weights": 12, "arch": 0}}}
+    one = _optimizers(1, True)
+    one._restore(saved, tmp_path / "last.pt")
+    for optimizer in one.opt_arch.values():
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(one.cfg.search.arch_lr)
+    assert one.base_lr == pytest.approx(one.cfg.search.lr)
+    assert one.state.iteration == 3 and one.state.consumed == {"weights": 12, "arch": 0}
+
+
+def test_a_resumed_stream_continues_the_global_sequence_under_any_world_size():
+    """2 processes read samples 0–5 (3 each); 3 processes resuming at offset 6 read 6, 7, 8, … in turn."""
+    items = [{"image": np.full((1, 4, 4, 4), float(i), dtype=np.float32)} for i in range(4)]
+    base = Dataset(items, transform=Compose([RandGaussianNoised("image", prob=1.0)]))
+    one = PatchStream(base, seed=3, stream=1, length=12)
+    sequence = [np.asarray(one[k]["image"]) for k in range(12)]
+    first = [PatchStream(base, seed=3, stream=1, length=3, rank=r, world_size=2) for r in (0, 1)]
+    then = [PatchStream(base, seed=3, stream=1, length=2, rank=r, world_size=3, offset=6) for r in (0, 1, 2)]
+    read = [np.asarray(s[i]["image"]) for i in range(3) for s in first]
+    read += [np.asarray(s[i]["image"]) for i in range(2) for s in then]
+    assert len(read) == 12
+    for got, want in zip(read, sequence):
+        assert np.array_equal(got, want)
