@@ -26,18 +26,11 @@ import time
 VARIANTS = ("per_transition", "mixed_input")
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def child(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from dints3d.memory import proc_status_kib
     from dints3d.spaces.autodeeplab import AutoDeepLabSearchSpace
 
     torch.set_num_threads(1)
@@ -63,7 +56,7 @@ def child(spec: dict) -> dict:
 
     iteration(*batch([8, 8]))
     x, y = batch(spec["size"])
-    baseline = _rss_kib("VmRSS")
+    baseline = proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     times = []
@@ -71,7 +64,7 @@ def child(spec: dict) -> dict:
         start = time.perf_counter()
         iteration(x, y)
         times.append(time.perf_counter() - start)
-    return {"peak_bytes": (_rss_kib("VmHWM") - baseline) * 1024, "seconds": times,
+    return {"peak_bytes": (proc_status_kib("VmHWM") - baseline) * 1024, "seconds": times,
             "weights": sum(p.numel() for p in weights)}
 
 

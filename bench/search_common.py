@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import DiNTS, TopologySearch
 
+from dints3d.memory import proc_status_kib
+
 NUM_BLOCKS, NUM_DEPTHS, CHANNEL_MUL, CLASSES = 12, 4, 0.5, 3
 LR, ARCH_LR, RAM_COST_FACTOR = 0.025, 0.001, 0.8
 
@@ -36,9 +38,9 @@ LR, ARCH_LR, RAM_COST_FACTOR = 0.025, 0.001, 0.8
 class MonaiSearchStep:
     """One bilevel iteration the way the reference script drives MONAI's classes."""
 
-    def __init__(self, our_space, amp: bool, num_blocks: int = NUM_BLOCKS):
+    def __init__(self, our_space, amp: bool, num_blocks: int = NUM_BLOCKS, num_depths: int = NUM_DEPTHS):
         with contextlib.redirect_stdout(io.StringIO()):
-            self.space = TopologySearch(channel_mul=CHANNEL_MUL, num_blocks=num_blocks, num_depths=NUM_DEPTHS,
+            self.space = TopologySearch(channel_mul=CHANNEL_MUL, num_blocks=num_blocks, num_depths=num_depths,
                                         use_downsample=True)
         self.model = DiNTS(dints_space=self.space, in_channels=1, num_classes=CLASSES, use_downsample=True)
         if our_space is not None:  # same initial weights as ours
@@ -108,8 +110,8 @@ class OurSearchStep:
 
 
 def search_overrides(side: int, amp: bool, checkpoint_cells: bool = False, fraction: float = 1.0,
-                     num_blocks: int = NUM_BLOCKS, routing: bool = True) -> list[str]:
-    return ["device=cpu", f"dints.num_blocks={num_blocks}", f"dints.num_depths={NUM_DEPTHS}",
+                     num_blocks: int = NUM_BLOCKS, routing: bool = True, num_depths: int = NUM_DEPTHS) -> list[str]:
+    return ["device=cpu", f"dints.num_blocks={num_blocks}", f"dints.num_depths={num_depths}",
             f"dints.channel_mul={CHANNEL_MUL}", f"data.patch_size=[{side},{side},{side}]", "data.max_cases=2",
             "data.num_samples=1", "data.batch_size=1", f"search.amp={str(amp).lower()}", f"search.lr={LR}",
             f"search.arch_lr={ARCH_LR}", f"search.ram_cost_factor={RAM_COST_FACTOR}",
@@ -120,7 +122,7 @@ def search_overrides(side: int, amp: bool, checkpoint_cells: bool = False, fract
 
 @contextlib.contextmanager
 def our_search_run(side: int, amp: bool, checkpoint_cells: bool = False, fraction: float = 1.0, seed: int = 0,
-                   num_blocks: int = NUM_BLOCKS, routing: bool = True):
+                   num_blocks: int = NUM_BLOCKS, routing: bool = True, num_depths: int = NUM_DEPTHS):
     """A :class:`SearchRun` on a 6-case synthetic task in a temporary folder (closed and removed afterwards)."""
     from dints3d.config import load_config
     from dints3d.data.prepare import prepare
@@ -133,7 +135,8 @@ def our_search_run(side: int, amp: bool, checkpoint_cells: bool = False, fractio
         with contextlib.redirect_stdout(io.StringIO()):
             task = make_msd_task(root / "task", cases=6, test_cases=0, classes=CLASSES - 1, size=24, seed=seed)
             prepare(task, root / "work", folds=3, progress=False)
-        cfg = load_config(None, search_overrides(side, amp, checkpoint_cells, fraction, num_blocks, routing))
+        cfg = load_config(None, search_overrides(side, amp, checkpoint_cells, fraction, num_blocks, routing,
+                                                 num_depths))
         run = SearchRun(cfg, root / "work", root / "run", init_runtime("cpu"))
         try:
             yield run
@@ -148,27 +151,19 @@ def make_batches(side: int, seed: int):
              torch.randint(0, CLASSES, (1, 1, side, side, side), generator=g)) for _ in range(2)]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def measure_step_peak(step, batches, warm_batches) -> dict:
     """One warm-up step on ``warm_batches`` (pages in kernels, creates the optimizer state), then one timed step on
     ``batches`` with the peak-RSS counter reset (``/proc/self/clear_refs``): ``peak_mib`` = VmHWM − VmRSS before
     the step, so activations, gradients and transient buffers count and the resident model does not. Linux only;
     run it in a fresh process (:func:`run_in_fresh_process`)."""
     step.step(warm_batches)
-    rss = _status_kib("VmRSS")
+    rss = proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     start = time.perf_counter()
     step.step(batches)
     seconds = time.perf_counter() - start
-    return {"peak_mib": (_status_kib("VmHWM") - rss) / 1024, "seconds": seconds, "rss_before_mib": rss / 1024}
+    return {"peak_mib": (proc_status_kib("VmHWM") - rss) / 1024, "seconds": seconds, "rss_before_mib": rss / 1024}
 
 
 def run_in_fresh_process(script: str, spec: dict, threads: int) -> dict:

@@ -322,7 +322,8 @@ def random_dints_architecture(num_blocks: int, num_depths: int, rng: np.random.G
                              provenance={"sampler": "random_dints_architecture"})
 
 
-def _rss_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``: resident now, ``VmHWM``: the peak). Linux only."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -345,7 +346,7 @@ def _measure_here(spec: dict) -> dict:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["amp"]):
         loss_fn(model(torch.randn(1, *small)), torch.zeros(1, 1, *small[1:])).backward()
     opt.zero_grad(set_to_none=True)
-    baseline = _rss_kib("VmRSS")
+    baseline = proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM (peak RSS) to the current RSS
         f.write("5")
     x = torch.randn(batch, *shape)
@@ -356,7 +357,7 @@ def _measure_here(spec: dict) -> dict:
             loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
-    return {"measured_bytes": (_rss_kib("VmHWM") - baseline) * 1024}
+    return {"measured_bytes": (proc_status_kib("VmHWM") - baseline) * 1024}
 
 
 def measure_training_memory(arch: DintsArchitecture, in_channels: int, out_channels: int, input_shape: Sequence[int],

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from dints3d.config import load_config
 from dints3d.data.prepare import prepare

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Invertd, SaveImaged  # noqa: F401 - Invertd round trip below
+from monai.transforms import Invertd
 
 from dints3d.data.dataset import load_items, load_plan, make_dataset
 from dints3d.data.prepare import prepare
