@@ -2,10 +2,12 @@
 
 Search step: our ``SearchRun.weight_step`` + ``arch_step`` (bench/search_common.py) at L = 12, D = 4, channel_mul 0.5,
 batch 1, a ``--side``³ patch, CPU fp32, ``--threads`` torch threads; the plain-MONAI step (same inputs, same
-weights) is measured the same way. FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one step (convolutions
-and matrix products, forward and backward; 2 FLOPs per multiply-add; element-wise ops such as instance norm are
-not counted, so the achieved figure is a lower bound of the work done). Time: median of ``--repeats`` steps after a
-warm-up.
+weights) is measured the same way. FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one plain-MONAI step
+(convolutions and matrix products, forward and backward; 2 FLOPs per multiply-add; element-wise ops such as
+instance norm are not counted, so the achieved figure is a lower bound of the work done). Ours computes the same
+function with the same multiply-adds, so the same count serves both: counted on ours, the CPU routing's 2-group
+convolutions would be overcounted (the counter ignores groups in its convolution-backward formula). Time: median of
+``--repeats`` steps after a warm-up.
 
 References, timed the same way in the same run: a 3×3×3 convolution forward + backward (input and weight
 gradients), batch 1, at the shapes of the supernet's finest resolution (the patch / 2, where most
@@ -70,8 +72,9 @@ def main() -> None:
     batches = make_batches(args.side, seed=1)
     steps = {}
     with our_search_run(args.side, False) as run:
-        for name, step in (("ours", OurSearchStep(run)), ("monai", MonaiSearchStep(run.space, False))):
-            flops = flops_of(lambda: step.step(batches))
+        monai = MonaiSearchStep(run.space, False)
+        flops = flops_of(lambda: monai.step(batches))
+        for name, step in (("ours", OurSearchStep(run)), ("monai", monai)):
             seconds = median_seconds(lambda: step.step(batches), args.repeats)
             steps[name] = {"gflop": round(flops / 1e9, 2), "seconds": round(seconds, 3),
                            "gflops_per_s": round(flops / seconds / 1e9, 2)}

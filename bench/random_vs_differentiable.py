@@ -77,8 +77,11 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="retraining seeds per architecture")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every iteration count")
     parser.add_argument("--keep", help="keep the run folders here instead of a temporary folder")
     args = parser.parse_args()
+    for name in ("search_iterations", "trial_iterations", "retrain_iterations"):
+        setattr(args, name, max(1, round(getattr(args, name) * args.scale)))
     torch.set_num_threads(args.threads)
     runtime = init_runtime("cpu")
 
