@@ -104,20 +104,20 @@ def nan_voxels(task):
     return _rewrite(task, IMAGE, poke), "2 NaN or infinite voxels"
 
 
-def inf_label(task):
+def _nonfinite_label(task, value: float):
     def poke(a, aff):
         a = a.astype(np.float32)
-        a[1, 1, 1] = np.inf
+        a[1, 1, 1] = value
         return a, aff
     return _rewrite(task, LABEL, poke), "label contains NaN/Inf"
+
+
+def inf_label(task):
+    return _nonfinite_label(task, np.inf)
 
 
 def nan_label(task):
-    def poke(a, aff):
-        a = a.astype(np.float32)
-        a[1, 1, 1] = np.nan
-        return a, aff
-    return _rewrite(task, LABEL, poke), "label contains NaN/Inf"
+    return _nonfinite_label(task, np.nan)
 
 
 def complex_image(task):
