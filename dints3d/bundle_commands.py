@@ -38,7 +38,7 @@ import yaml
 
 from dints3d.errors import DintsError
 from dints3d.infer_checks import case_name, check_image, collect_inputs
-from dints3d.io import read_json
+from dints3d.io import load_yaml_text, read_json
 from dints3d.preflight import check_free_disk, check_writable, estimate_cache_bytes
 
 #: a bundle path written as train.yaml writes ckpt_dir and output_dir: ``$@bundle_root + '/models'``
@@ -56,12 +56,14 @@ def config_file(bundle: str | os.PathLike, name: str) -> Path:
 
 
 def parse_set(text: str) -> tuple[str, str, Any]:
-    """``"key=value"`` → (key, the value's text, the value as YAML; a value that is not YAML stays a string)."""
+    """``"key=value"`` → (key, the value's text, the value as YAML; a value that is not YAML stays a string).
+
+    Scientific notation (``5e-1``) is a float, as ``fire`` reads it when ``monai.bundle run`` gets the text."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise DintsError("--set", f"expected key=value, got '{text}'")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml_text(raw)
     except yaml.YAMLError:
         value = raw
     return key.strip(), raw, value

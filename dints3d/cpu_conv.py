@@ -65,15 +65,14 @@ def routes_to_onednn(input_shape: Sequence[int], weight_shape: Sequence[int], st
                      dilation: Sequence[int], threads: int) -> bool:
     """Whether :class:`OneDnnConv3d` runs this ungrouped fp32 CPU convolution as the 2-group oneDNN form.
 
-    Where PyTorch would take ``slow_conv3d`` and the grouped form takes oneDNN, for the shapes oneDNN wins on
-    (measured fwd + bwd on DiNTS's supernet shapes, ``bench/cpu_conv.py``): stride 1, at least 16 input channels,
-    an even number of output channels and a kernel with at least two sides > 1. oneDNN loses on 1×1×1 and
-    single-axis kernels (per-call overhead, and its depth-only kernels are slow) and on tiny inputs."""
-    doubled = (input_shape[0], 2 * input_shape[1], *input_shape[2:])
+    Where PyTorch would take ``slow_conv3d``, for the shapes oneDNN wins on (measured fwd + bwd on DiNTS's supernet
+    shapes, docs/performance.md): stride 1, at least 16 input channels, an even number of output channels and a
+    kernel with at least two sides > 1. oneDNN loses on 1×1×1 and single-axis kernels (per-call overhead, and its
+    depth-only kernels are slow) and on tiny inputs. Such a kernel has a last side > 1, and the grouped form has
+    groups > 1, which is all PyTorch's rule asks of a convolution before it picks oneDNN."""
     return (all(s == 1 for s in stride) and all(d == 1 for d in dilation) and input_shape[1] >= 16
             and weight_shape[0] % 2 == 0 and sum(k > 1 for k in weight_shape[2:]) >= 2
-            and uses_slow_conv3d(input_shape, weight_shape, stride, dilation, 1, threads)
-            and not uses_slow_conv3d(doubled, weight_shape, stride, dilation, 2, threads))
+            and uses_slow_conv3d(input_shape, weight_shape, stride, dilation, 1, threads))
 
 
 def _routable(x: torch.Tensor, conv: nn.Conv3d) -> bool:

@@ -73,3 +73,13 @@ def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
 def test_unknown_config_name_is_refused():
     with pytest.raises(DintsError, match="config file not found"):
         config_path("no_such_config")
+
+
+def test_bundle_set_values_read_scientific_notation_as_numbers():
+    """`dints3d train/infer --set` values are checked as what `monai.bundle run` will receive (fire: 5e-1 is 0.5)."""
+    from dints3d.bundle_commands import parse_set
+
+    assert parse_set("cache_rate=5e-1") == ("cache_rate", "5e-1", 0.5)
+    assert parse_set("num_iterations=10")[2] == 10
+    assert parse_set("dataset_dir=/data/Task09")[2] == "/data/Task09"
+    assert parse_set("x=[1, 2")[2] == "[1, 2"  # not YAML: stays text

@@ -133,6 +133,14 @@ def test_resume_may_change_the_documented_settings_with_a_warning(work, tmp_path
     assert run.base_lr == 0.01
 
 
+def test_resume_may_turn_on_checkpointing_as_the_out_of_memory_report_advises(work, tmp_path):
+    _run(work, tmp_path / "r", ["search.warmup_fraction=0"], stop_after=2)
+    with pytest.warns(UserWarning, match=r"search.checkpoint_cells False → True"):
+        run, path = _run(work, tmp_path / "r", ["search.warmup_fraction=0", "search.checkpoint_cells=true",
+                                                "search.cpu_conv_routing=false"], resume=True)
+    assert path is not None and run.space.topology_space.checkpoint_cells
+
+
 def test_memory_budget_sigma_orders_decoded_memory(work, tmp_path):
     """With architecture updates dominating, σ = 0.2 decodes to a cheaper network than σ = 0.8."""
     common = ["search.warmup_fraction=0", "search.arch_lr=0.2", "search.lr=0.0", "search.iterations=12",

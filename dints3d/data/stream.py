@@ -59,10 +59,7 @@ class PatchStream(torch.utils.data.Dataset):
         return self.base[self.case_index(k)]
 
 
-def stream_loader(stream: PatchStream, batch_size: int, start_step: int, num_workers: int = 0,
-                  gpu_cache: bool = False):
-    """A persistent loader over batches ``start_step, start_step + 1, …`` of ``stream`` (no shuffling: the stream
-    is already shuffled deterministically)."""
-    indices = list(range(start_step * batch_size, len(stream)))
-    subset = torch.utils.data.Subset(stream, indices)
-    return make_loader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, gpu_cache=gpu_cache)
+def stream_loader(stream: PatchStream, batch_size: int, num_workers: int = 0, gpu_cache: bool = False):
+    """A persistent loader over ``stream``'s batches in order (no shuffling: the stream is already shuffled
+    deterministically; a resumed run starts the stream at its ``offset``)."""
+    return make_loader(stream, batch_size=batch_size, shuffle=False, num_workers=num_workers, gpu_cache=gpu_cache)

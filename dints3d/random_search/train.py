@@ -167,7 +167,7 @@ class NetworkEvaluator:
 
         d = self.cfg.data
         stream = PatchStream(self.train_data, seed, 0, iterations * d.batch_size)
-        for batch in stream_loader(stream, d.batch_size, 0, d.num_workers):
+        for batch in stream_loader(stream, d.batch_size, d.num_workers):
             yield batch["image"], batch["label"]
 
     def __call__(self, arch, iterations: int, seed: int) -> Evaluation:

@@ -44,13 +44,15 @@ from dints3d.spaces.factory import build_search_space
 WEIGHT_STREAM, ARCH_STREAM = 0, 1
 STREAM_NAMES = {WEIGHT_STREAM: "weights", ARCH_STREAM: "arch"}
 
-#: Settings a resumed search may change (with a warning): what the non-finite stop advises, the length of the run,
-#: and how often it validates, checkpoints and checks itself. Anything else (the space, the data, the losses,
-#: the seed …) would make the checkpoint describe another search and is refused.
+#: Settings a resumed search may change (with a warning): what the non-finite stop and the out-of-memory report
+#: advise, the length of the run, how often it validates, checkpoints and checks itself, and how the same function
+#: is computed (checkpointing, CPU kernels). Anything else (the space, the data, the losses, the seed …) would make
+#: the checkpoint describe another search and is refused.
 RESUME_MAY_CHANGE = (
     "search.lr", "search.arch_lr", "search.amp", "search.max_nonfinite_steps", "search.iterations",
     "search.val_interval", "search.checkpoint_interval", "search.val_sw_batch_size", "search.val_overlap",
-    "search.check_replicas", "data.num_workers",
+    "search.check_replicas", "search.checkpoint_cells", "search.checkpoint_fraction", "search.cpu_conv_routing",
+    "data.num_workers",
 )
 
 
@@ -219,7 +221,7 @@ class SearchRun:
         remaining = self.cfg.search.iterations - self.state.iteration
         stream = PatchStream(self.train_data[stream_id], self.cfg.seed, stream_id, remaining * d.batch_size,
                              self.rt.rank, self.rt.world_size, offset=self.state.consumed[STREAM_NAMES[stream_id]])
-        return iter(stream_loader(stream, d.batch_size, 0, d.num_workers, d.gpu_cache))
+        return iter(stream_loader(stream, d.batch_size, d.num_workers, d.gpu_cache))
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def _state_dict(self) -> dict:

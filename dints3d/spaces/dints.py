@@ -294,7 +294,8 @@ class DintsSearchSpace(SearchSpace):
         if cpu_conv_routing and spatial_dims == 3:
             route_cpu_convolutions(self.net)
         self.hparams = dict(num_blocks=num_blocks, num_depths=num_depths, channel_mul=channel_mul,
-                            use_downsample=use_downsample, spatial_dims=spatial_dims)
+                            use_downsample=use_downsample, spatial_dims=spatial_dims,
+                            cpu_conv_routing=cpu_conv_routing)
         self.ram_cost_factor = ram_cost_factor
         self.entropy_weight, self.memory_weight, self.topology_weight = entropy_weight, memory_weight, topology_weight
         self.topology = DintsTopology(num_depths)
