@@ -120,6 +120,39 @@ def test_prepare_config_overrides_and_divisor(folder, tmp_path):
         prepare(folder, tmp_path / "x", config=load_config(None, ["plan.target_spacing=[1,1,1]"]), progress=False)
 
 
+
+@pytest.mark.parametrize("override,expected", [
+    ("plan.median_shape=[a,b]", "'plan.median_shape' must be a list of 2 positive numbers, got ['a', 'b']"),
+    ("plan.median_shape=[0,0]", "'plan.median_shape' must be a list of 2 positive numbers, got [0, 0]"),
+    ("plan.patch_size=[100,100]", "'plan.patch_size' [100, 100] must be integers divisible by the network's patch "
+                                  "divisor 32"),
+    ("plan.image_scale=0", "'plan.image_scale' must be a number in (0, 4], got 0"),
+    ("plan.patch_sise=[64,64]", "unknown plan field 'plan.patch_sise'; did you mean 'plan.patch_size'?"),
+])
+def test_prepare_refuses_bad_plan_overrides_in_one_line_before_reading_images(folder, tmp_path, capsys, override,
+                                                                               expected):
+    root = _copy(folder, tmp_path / "cs")
+    image = sorted(root.glob("leftImg8bit/train/*/*_leftImg8bit.png"))[0]
+    image.write_bytes(image.read_bytes()[:-40])  # a damaged image: the override must be refused before any is read
+    args = ["prepare", "--task", str(root), "--out", str(tmp_path / "w"), "--set", "space=dints", "--set", override]
+    assert main(args) == 2  # dints.num_depths 4 with downsampling: patch divisor 32
+    assert capsys.readouterr().err == f"error: --set: {expected}\n"
+    assert not (tmp_path / "w").exists()
+
+
+def test_prepare_refuses_a_plan_json_cannot_hold_and_writes_nothing(folder, tmp_path, monkeypatch):
+    import dints3d.data.cityscapes as cityscapes
+
+    real = cityscapes.fingerprint
+
+    def nan_fingerprint(*args, **kwargs):
+        return {**real(*args, **kwargs), "ignored_fraction": float("nan")}
+
+    monkeypatch.setattr(cityscapes, "fingerprint", nan_fingerprint)
+    with pytest.raises(DintsError, match="cannot be written as JSON .*nothing was written"):
+        prepare(folder, tmp_path / "w", progress=False)
+    assert not list((tmp_path / "w").glob("*.json"))
+
 def _copy(folder: Path, dest: Path) -> Path:
     import shutil
 

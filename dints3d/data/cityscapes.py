@@ -12,21 +12,20 @@ disjoint seeded halves (``fold0_weights`` / ``fold0_arch``) for the bilevel sear
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from dints3d.data.datalist import DATALIST_FILE, split_halves
-from dints3d.data.fingerprint import FINGERPRINT_FILE, PLAN_FILE
+from dints3d.data.fingerprint import FINGERPRINT_FILE, PLAN_FILE, check_overrides, check_patch
 from dints3d.errors import DintsError
-from dints3d.io import write_texts_together
 
 FORMAT = "cityscapes"
 FORMAT_VERSION = 1
@@ -217,27 +216,28 @@ def fingerprint(root: Path, samples: dict[str, list[Sample]], progress: bool = T
     }
 
 
+def check_plan_overrides(overrides: Any, divisor: int, source: str = "plan") -> None:
+    """Refuse a config ``plan:`` section :func:`make_plan` cannot use: a field outside :data:`PLAN_FIELDS`, a value
+    of the wrong type or range (the checks ``load_plan`` runs on a prepared Cityscapes plan) or a ``patch_size`` that
+    does not divide by ``divisor`` (or an overridden ``patch_divisor``). Needs no image, so ``prepare`` runs it
+    before reading the folder's images."""
+    check_overrides(overrides, source, PLAN_FIELDS, dims=2)
+    check_patch(overrides, divisor, source)
+
+
 def make_plan(fp: dict, divisor: int, overrides: dict | None = None, source: str = "plan") -> dict:
     """``plan.json``: RGB in, 19 classes out, images scaled by ``image_scale`` (the paper searches at half
-    resolution), crops of min(321, the scaled image's shorter side) rounded down to a multiple of ``divisor``."""
+    resolution), crops of min(321, the scaled image's shorter side) rounded down to a multiple of ``divisor``.
+    ``overrides`` (a config's ``plan:`` section) are checked by :func:`check_plan_overrides`."""
+    check_plan_overrides(overrides or {}, divisor, source)
     overrides = dict(overrides or {})
-    unknown = [k for k in overrides if k not in PLAN_FIELDS]
-    if unknown:
-        raise DintsError(source, f"'plan.{unknown[0]}' cannot be set for a Cityscapes task; plan fields: "
-                         f"{', '.join(PLAN_FIELDS)}")
     scale = overrides.get("image_scale", SEARCH_SCALE)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 4:
-        raise DintsError(source, f"'plan.image_scale' must be a number in (0, 4], got {scale!r}")
     divisor = overrides.get("patch_divisor", divisor)
-    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
-        raise DintsError(source, f"'plan.patch_divisor' must be a positive integer, got {divisor!r}")
     heights, widths = zip(*(tuple(map(int, k.split("x"))) for k, n in fp["image_sizes"].items() for _ in range(n)))
     image_size = [int(np.median(heights)), int(np.median(widths))]
     median = overrides.get("median_shape", [int(s * scale) for s in image_size])
-    side = max(divisor, min(SEARCH_CROP, *median) // divisor * divisor)
+    side = max(divisor, int(min(SEARCH_CROP, *median)) // divisor * divisor)
     patch = overrides.get("patch_size", [side, side])
-    if not isinstance(patch, list) or len(patch) != 2 or not all(isinstance(p, int) and p > 0 for p in patch):
-        raise DintsError(source, f"'plan.patch_size' must be 2 positive integers, got {patch!r}")
     names = class_names()
     return {
         "version": FORMAT_VERSION,
@@ -288,12 +288,14 @@ def prepare_cityscapes(root: str | os.PathLike, work_dir: str | os.PathLike, see
     root, work = Path(root), Path(work_dir)
     if work.exists() and not work.is_dir():
         raise DintsError(work, "exists and is not a folder")
+    check_plan_overrides(overrides or {}, divisor, config_source)
     samples = read_folder(root)
     outputs = {"fingerprint": fingerprint(root, samples, progress)}
     outputs["plan"] = make_plan(outputs["fingerprint"], divisor, overrides, config_source)
     outputs["datalist"] = make_datalist(root, samples, seed)
-    write_texts_together(work, {file: json.dumps(outputs[name], indent=2, allow_nan=False) + "\n" for name, file in
-                                (("fingerprint", FINGERPRINT_FILE), ("plan", PLAN_FILE), ("datalist", DATALIST_FILE))})
+    from dints3d.data.prepare import write_outputs  # here: prepare imports this module
+
+    write_outputs(work, outputs)
     return outputs
 
 

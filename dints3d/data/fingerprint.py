@@ -315,7 +315,7 @@ def apply_overrides(plan: dict, overrides: Mapping[str, Any], source: str | Mapp
     return plan
 
 
-def _check_patch(overrides: Mapping[str, Any], divisor: int, source: str | Mapping[str, str]) -> None:
+def check_patch(overrides: Mapping[str, Any], divisor: int, source: str | Mapping[str, str]) -> None:
     """An overridden patch size must divide by the divisor (the network's, or an overridden ``patch_divisor``)."""
     patch = overrides.get("patch_size")
     divisor = overrides.get("patch_divisor", divisor)
@@ -335,7 +335,7 @@ def check_overrides_for_task(overrides: dict, source: str | Mapping[str, str], m
                "labels": dict(labels), "modalities": list(modalities),
                "normalization": [{"modality": m} for m in names]}  # names only: what the checks compare
     apply_overrides(outline, overrides, source, len(modalities), len(labels))
-    _check_patch(overrides, divisor, source)
+    check_patch(overrides, divisor, source)
 
 
 def make_plan(fingerprint: dict, divisor: int, overrides: dict | None = None,
@@ -380,7 +380,7 @@ def make_plan(fingerprint: dict, divisor: int, overrides: dict | None = None,
                          "finite size of at least 1 voxel")
     plan["median_shape"] = overrides.get("median_shape", [round(float(m), 2) for m in median])
     divisor = overrides.get("patch_divisor", divisor)
-    _check_patch(overrides, divisor, source)
+    check_patch(overrides, divisor, source)
     patch = overrides.get("patch_size", patch_size(plan["median_shape"], divisor))
     plan["patch_size"] = [int(p) for p in patch]
     plan["patch_divisor"] = divisor
