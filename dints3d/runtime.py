@@ -56,34 +56,34 @@ class Runtime:
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor.data, src=0)
 
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """Replace every tensor (any shapes) by its mean over ranks, in place, with one all-reduce of a
+        flat bucket holding all of them."""
+        flat = torch._utils._flatten_dense_tensors(tensors)
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for tensor, mean in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+            tensor.copy_(mean)
+
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """All-reduce (mean) the gradients of ``params`` in one flat bucket."""
         if not self.distributed:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        if grads:
+            self._all_reduce_mean(grads)
 
     def average_buffers(self, module: torch.nn.Module) -> None:
-        """All-reduce (mean) the running statistics of every normalization layer that tracks them (BatchNorm in
-        the Auto-DeepLab and DPC supernets), which each rank otherwise updates from its own batches only. Other
-        buffers are constants, identical on every rank, and are left alone (a mean over 3 ranks may round them)."""
+        """All-reduce (mean) the running statistics of every normalization layer that tracks them (the BatchNorm of
+        the Auto-DeepLab supernet), which each rank otherwise updates from its own batches only; DiNTS (InstanceNorm)
+        and DPC (GroupNorm) keep none. Other buffers are constants, identical on every rank, and are left alone (a
+        mean over 3 ranks may round them)."""
         if not self.distributed:
             return
-        stats = [buffer for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+        stats = [buffer.data for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
                  and m.track_running_stats for buffer in (m.running_mean, m.running_var) if buffer is not None]
-        if not stats:
-            return
-        flat = torch._utils._flatten_dense_tensors([b.data for b in stats])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        for b, synced in zip(stats, torch._utils._unflatten_dense_tensors(flat, [b.data for b in stats])):
-            b.data.copy_(synced)
+        if stats:
+            self._all_reduce_mean(stats)
 
     def replica_spread(self, tensors: list[torch.Tensor]) -> float:
         """Largest difference of any element of ``tensors`` between ranks (0.0 when all ranks agree exactly)."""
