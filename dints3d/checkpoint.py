@@ -30,11 +30,6 @@ def previous_path(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _keep_as_previous(path: Path) -> None:
     """Make ``<name>.prev.pt`` the current ``<name>.pt``, leaving ``<name>.pt`` in place when the file system
     has hard links (else it is renamed, and a kill before the new file arrives leaves only ``<name>.prev.pt``,
@@ -79,11 +74,13 @@ def content_digest(state: Any) -> str:
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` (tensors, numbers, strings, lists, dicts only) and its digest to ``path``."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save({**state, "digest": content_digest(state)}, tmp)
-        _fsync(tmp)  # the new checkpoint is complete on disk before the old one is touched
+
+    def keep_previous() -> None:  # runs once the new checkpoint is fsynced: the old one is touched only then
         if path.exists():
             _keep_as_previous(path)
+
+    with atomic_path(path, before_rename=keep_previous) as tmp:
+        torch.save({**state, "digest": content_digest(state)}, tmp)
     return path
 
 

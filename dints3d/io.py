@@ -18,8 +18,9 @@ from dints3d.errors import DintsError
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success rename it over ``target`` (fsync'd)."""
+def atomic_path(target: str | os.PathLike, before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success fsync it, call ``before_rename()`` (the new file is then
+    complete on disk, e.g. to keep the old ``target`` elsewhere) and rename it over ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -31,6 +32,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:

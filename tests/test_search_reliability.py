@@ -258,3 +258,38 @@ def test_cuda_out_of_memory_during_validation_is_explained(work, tmp_path, monke
         assert run.state.iteration == 3  # the steps ran; validation (every 3 iterations) hit the error
     finally:
         run.close()
+
+
+def test_a_checkpoint_write_fsyncs_the_new_file_once_before_keeping_the_old_one(tmp_path, monkeypatch):
+    """The order that makes a kill harmless, and no second fsync of the same file: the new checkpoint is fsynced,
+    only then is last.pt kept as last.prev.pt (a hard link), then the new file is renamed over last.pt."""
+    import stat
+
+    from dints3d import checkpoint
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint(path, {"n": torch.tensor(1)})
+    events = []
+    real = {name: getattr(os, name) for name in ("fsync", "link", "replace")}
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        return real["fsync"](fd)
+
+    def link(src, dst, **kwargs):
+        events.append(("link", os.path.basename(src)))
+        return real["link"](src, dst, **kwargs)
+
+    def replace(src, dst, **kwargs):
+        events.append(("replace to", os.path.basename(dst)))
+        return real["replace"](src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.save_checkpoint(path, {"n": torch.tensor(2)})
+    monkeypatch.undo()
+    assert events == [("fsync", "file"), ("link", "last.pt"), ("replace to", "last.prev.pt"),
+                      ("replace to", "last.pt"), ("fsync", "folder")]
+    assert int(checkpoint.load_checkpoint(path)["n"]) == 2
+    assert int(torch.load(checkpoint.previous_path(path), weights_only=True)["n"]) == 1
