@@ -53,6 +53,7 @@ from monai.utils.enums import CommonKeys
 from dints3d.errors import DintsError
 from dints3d.io import atomic_path
 from dints3d.preflight import remove_stale_temporaries
+from dints3d.resume_settings import changed_settings, split_changes
 
 logger = logging.getLogger("dints3d.training")
 
@@ -175,13 +176,8 @@ class RunSettings:
         return dict(self.values)
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Nothing to restore: the checkpoint's record is compared (:func:`changed_settings`), not adopted."""
-
-
-def changed_settings(recorded: Mapping, current: Mapping) -> dict[str, tuple[Any, Any]]:
-    """Key → (recorded, current) for every setting that differs (a missing one counts as ``None``)."""
-    return {key: (recorded.get(key), current.get(key)) for key in sorted({*recorded, *current})
-            if recorded.get(key) != current.get(key)}
+        """Nothing to restore: the checkpoint's record is compared
+        (:func:`~dints3d.resume_settings.changed_settings`), not adopted."""
 
 
 def _describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
@@ -229,7 +225,7 @@ class ResumeCheck:
                                  "be checked; continue it with `python -m monai.bundle run` or train in a fresh bundle")
             return
         changes = changed_settings(recorded, current)
-        unsafe = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE}
+        _, unsafe = split_changes(changes, SAFE_TO_CHANGE)
         if unsafe and self.mode == "same_settings":
             raise DintsError(path, f"was trained with other settings: {_describe_changes(unsafe)}; revert them or "
                              f"train in a fresh bundle (only {', '.join(SAFE_TO_CHANGE)} may change on resume)")

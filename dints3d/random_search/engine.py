@@ -25,6 +25,7 @@ from dints3d import __version__
 from dints3d.errors import DintsError
 from dints3d.io import atomic_path, read_json, write_json, write_text
 from dints3d.random_search.trials import TrialRow, append_row, ranked, read_rows, top_k_table, trials_figure
+from dints3d.resume_settings import changed_settings
 from dints3d.spaces.base import Architecture
 
 TRIALS_FILE, TOPK_FILE, SETTINGS_FILE = "trials.csv", "topk.csv", "random_search.json"
@@ -107,11 +108,10 @@ class RandomSearch:
             if not resume:
                 raise DintsError(self.out, "already holds a random search; pass --resume to continue it or choose "
                                  "another --out")
-            before, now = read_json(settings_path), _plain(fixed)
-            if before != now:
-                diff = next(k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
-                raise DintsError(settings_path, f"was written with different settings ('{diff}' differs); resume "
-                                 "with the same settings (only the budget may change)")
+            changes = changed_settings(read_json(settings_path), _plain(fixed))
+            if changes:
+                raise DintsError(settings_path, f"was written with different settings ('{next(iter(changes))}' "
+                                 "differs); resume with the same settings (only the budget may change)")
         elif resume:
             raise DintsError(settings_path, "no random search to resume (start without --resume)")
         write_json(settings_path, _plain(fixed))
