@@ -110,6 +110,38 @@ def test_dints_features_follow_monai_decoder():
     assert set(deeper.state_dict()) < set(net.state_dict())  # a sub-network: pre-trained weights load by name
 
 
+def test_dints_features_branch_on_python_bools_and_keep_the_network_keys(monkeypatch):
+    """The node activations are Python bools (a tensor on the GPU would sync with the host at every test), not in the
+    state dict, and the network's trained weights (e.g. a bundle's model.pt) still load into the extractor."""
+    from dints3d.spaces.dpc_net import backbone_features
+
+    backbone = _backbone()
+    net = backbone.build(1, 3, channel_mul=0.25).eval()
+    features = DintsFeatures(net, 1, backbone.use_downsample)
+    assert features.node_a == [[bool(v) for v in row] for row in torch.as_tensor(net.node_a).tolist()]
+    assert all(type(v) is bool for row in features.node_a for v in row)
+    assert "node_a" not in dict(features.named_buffers()) and "node_a" not in features.state_dict()
+    assert {k for k in net.state_dict() if k.startswith(("stem_down.", "dints_space."))} <= set(features.state_dict())
+
+    trained = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    extractor, _ = backbone_features(backbone, 1, 3, 1, 0.25, trained)  # the network's whole state dict loads
+    weights = extractor.state_dict()
+    assert all(torch.equal(weights[k], trained[k]) for k in weights)
+
+    # with MONAI's topology stubbed out, the extractor's forward never asks a tensor for its truth value
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        outputs = features.dints_space([features.stem_down[str(d)](x) for d in range(features.num_depths)])
+    monkeypatch.setattr(features.dints_space, "forward", lambda inputs: outputs)
+
+    def no_bool(self):
+        raise AssertionError("a tensor was tested for truth in DintsFeatures.forward")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_bool)
+    with torch.no_grad():
+        assert features(x).shape == (2, features.out_channels, 8, 8)
+
+
 def test_full_network_resizes_logits_to_the_input():
     arch = DpcArchitecture(CELL_2D, 2, 8).with_backbone(_backbone(), 1, 0.25)
     net = arch.build(1, 3)

@@ -119,7 +119,9 @@ class DintsFeatures(nn.Module):
         self.depth, self.num_depths = depth, net.num_depths
         self.stem_down, self.dints_space = net.stem_down, net.dints_space
         self.stem_up = nn.ModuleDict({k: m for k, m in net.stem_up.items() if int(k) > depth})
-        self.register_buffer("node_a", torch.as_tensor(net.node_a).clone(), persistent=False)
+        # Python bools, not a tensor: the forward branches on them, and a tensor on the GPU would make each test a
+        # host sync. Like the network's own ``node_a`` (a plain attribute), they are not in the state dict.
+        self.node_a: list[list[bool]] = [[bool(v) for v in row] for row in torch.as_tensor(net.node_a).tolist()]
         self.out_channels = int(net.filter_nums[depth + int(use_downsample)])
         self.stride = 2 ** (depth + int(use_downsample))
 
