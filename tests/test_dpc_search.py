@@ -109,3 +109,36 @@ def test_existing_run_and_bad_patch_are_refused(work, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert _search(work, tmp_path / "c", tmp_path / "cache", ["data.patch_size=[32,32,32]"]) == 2
     assert "data.patch_size" in capsys.readouterr().err
+
+
+ONE_TRIAL = ["random_search.trials=1", "random_search.top_k=0"]
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "features.pt"])
+def test_unreadable_feature_cache_is_recomputed_with_a_warning(work, tmp_path, backbone_forwards, capsys, damage):
+    cache = tmp_path / "cache"
+    assert _search(work, tmp_path / "a", cache, ONE_TRIAL) == 0
+    folder = next(cache.iterdir())
+    (folder / damage).write_text("{ not json, not a zip")
+    backbone_forwards.update(features=0, network=0)
+    assert _search(work, tmp_path / "b", cache, ONE_TRIAL) == 0
+    assert f"warning: feature cache {folder} is unreadable" in capsys.readouterr().out
+    assert backbone_forwards["features"] == 3  # computed again
+    assert json.loads((folder / "meta.json").read_text())["channels"] > 0
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["feature_cache"]["reused"] is False
+
+
+def test_unreadable_backbone_files_are_one_line_errors(work, tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"\x00 not a checkpoint")
+    assert _search(work, tmp_path / "a", tmp_path / "cache", [*ONE_TRIAL, f"dpc.backbone_weights={weights}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert err.startswith(f"error: {weights}: cannot be read as backbone weights (dpc.backbone_weights)")
+
+    cache = tmp_path / "cache2"
+    assert _search(work, tmp_path / "b", cache, ONE_TRIAL) == 0
+    backbone = next(cache.iterdir()) / "backbone.pt"
+    backbone.write_bytes(b"damaged")
+    assert _search(work, tmp_path / "c", cache, ["random_search.trials=1", "random_search.top_k=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {backbone}: cannot be read as the cached backbone weights") and "delete" in err

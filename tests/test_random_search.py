@@ -204,3 +204,136 @@ def test_class_scores_from_a_confusion_matrix():
     assert scores["iou"][:3] == pytest.approx([1 / 4, 2 / 4, 0.0]) and math.isnan(scores["iou"][3])
     assert scores["score"] == pytest.approx((4 / 6 + 0.0) / 2) == scores["mean_dice"]
     assert class_scores(confusion_matrix(pred, label, 4), "iou")["score"] == pytest.approx((1 / 4 + 0.5) / 3)
+
+
+# ------------------------------------------------------------------------------------------- short training runs
+def _schedule(amp=False, lr=0.5):
+    from dints3d.random_search.train import Schedule
+
+    return Schedule(lr=lr, momentum=0.9, weight_decay=0.0, decay_points=(0.5,), amp=amp)
+
+
+def _toy_task(dtype=torch.float32):
+    """Labels a 1×1 convolution can learn: class 1 where channel 0 is positive. Features ``N 2 8 8``."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, 8, 8, generator=gen)
+    return x.to(dtype), (x[:, :1] > 0).to(torch.uint8)
+
+
+def _ce(logits, label):
+    return torch.nn.functional.cross_entropy(logits, label[:, 0].long())
+
+
+def _poisoned(loss_fn, bad_calls):
+    calls = []
+
+    def loss(logits, label):
+        calls.append(None)
+        return loss_fn(logits, label) * (float("nan") if len(calls) in bad_calls else 1.0)
+
+    return loss
+
+
+def _head():
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(2, 2, 1)
+
+
+def test_a_trial_trains_on_float16_features_and_skips_non_finite_steps():
+    from dints3d.random_search.train import cycling_batches, train_steps
+    from dints3d.runtime import Runtime
+
+    x, y = _toy_task(torch.float16)  # as cached: float16 features, converted on the device
+    batches = cycling_batches(x, y, 4, seed=0)
+    assert next(batches)[0].dtype == torch.float16
+    rt, head = Runtime(device=torch.device("cpu")), _head()
+    before = _ce(head(x.float()), y).item()
+    log = train_steps(head, cycling_batches(x, y, 4, seed=0), 30, _schedule(), rt, _ce)
+    after = _ce(head(x.float()), y).item()
+    assert after < 0.5 * before and log["nonfinite_steps"] == 0 and log["train_loss"] < before
+
+    head = _head()
+    log = train_steps(head, cycling_batches(x, y, 4, seed=0), 1, _schedule(), rt, _poisoned(_ce, {1}))
+    assert torch.equal(head.weight, _head().weight)  # the non-finite step left the weights alone
+    assert log["nonfinite_steps"] == 1 and math.isnan(log["train_loss"])
+    log = train_steps(head, cycling_batches(x, y, 4, seed=0), 20, _schedule(), rt, _poisoned(_ce, {19}))
+    assert log["nonfinite_steps"] == 1 and math.isfinite(log["train_loss"])  # the tail mean skips the bad step
+
+
+def test_trial_loss_scaling_follows_the_amp_policy(monkeypatch):
+    """fp16 on CUDA gets a GradScaler, whose own check refuses a non-finite step; CPU (bf16) gets none. Checked
+    without a GPU: a policy that asks for scaling on the CPU gives torch's CPU GradScaler."""
+    import dints3d.runtime
+    from dints3d.random_search.train import cycling_batches, train_steps
+    from dints3d.runtime import Runtime
+
+    x, y = _toy_task()
+    scalers = []
+    rt = Runtime(device=torch.device("cpu"))
+    real = rt.grad_scaler
+
+    def recorded(amp):
+        scalers.append((amp, real(amp)))
+        return scalers[-1][1]
+
+    rt.grad_scaler = recorded
+    train_steps(_head(), cycling_batches(x, y, 4, seed=0), 2, _schedule(amp=True), rt, _ce)
+    assert scalers[-1][0] is True and not scalers[-1][1].is_enabled()  # bf16 autocast on CPU: no scaling
+
+    monkeypatch.setattr(dints3d.runtime, "amp_policy", lambda device, enabled: (None, enabled))  # as on CUDA
+    head = _head()
+    log = train_steps(head, cycling_batches(x, y, 4, seed=0), 6, _schedule(amp=True), rt, _poisoned(_ce, {3}))
+    amp, scaler = scalers[-1]
+    assert amp is True and scaler.is_enabled()
+    assert scaler.get_scale() == 2.0**16 * scaler.get_backoff_factor()  # the scaled steps ran; one was refused
+    assert log["nonfinite_steps"] == 1
+    assert _ce(head(x), y).item() < _ce(_head()(x), y).item()  # and the trial still trained
+
+    train_steps(_head(), cycling_batches(x, y, 4, seed=0), 1, _schedule(amp=False), rt, _ce)
+    assert scalers[-1][0] is False and not scalers[-1][1].is_enabled()
+
+
+def test_cached_features_go_to_the_gpu_only_when_they_fit():
+    from types import SimpleNamespace
+
+    from dints3d.random_search.train import features_fit_on_device, place_features
+
+    assert features_fit_on_device(1 << 30, 8 << 30) and not features_fit_on_device(3 << 30, 8 << 30)
+    x, y = _toy_task(torch.float16)
+    features = SimpleNamespace(train_x=x, train_y=y, val_x=x, val_y=y)
+    place_features(features, torch.device("cpu"))
+    assert features.train_x is x and features.val_y is y  # on the CPU nothing moves or is copied
+
+
+# --------------------------------------------------------------------------------------- unreadable state files
+def test_unreadable_top_k_weights_are_one_line_errors(tmp_path):
+    from dints3d.random_search.engine import load_state
+
+    RandomSearch(tmp_path / "a", _sampler(), FakeEvaluator(), _budget(trials=3, top_k=1)).run()
+    winner = json.loads((tmp_path / "a" / "arch.json").read_text())["provenance"]["trial"]
+    kept = tmp_path / "a" / "topk" / f"trial_{winner:04d}.pt"
+    assert torch.load(kept, weights_only=True)["w"].shape == (1,)
+    kept.write_bytes(b"not a zip file")
+    search = RandomSearch(tmp_path / "a", _sampler(), FakeEvaluator(), _budget(trials=3, top_k=1), resume=True)
+    with pytest.raises(DintsError, match=r"trial_\d{4}\.pt: cannot be read as the trial's trained weights .*topk\.csv"):
+        search.run()
+    torch.save([1, 2], kept)
+    with pytest.raises(DintsError, match="holds a list, not"):
+        load_state(kept, "weights")
+    with pytest.raises(DintsError, match="weights: file not found"):
+        load_state(tmp_path / "missing.pt", "weights")
+
+
+def test_network_sampler_measures_each_architecture_once():
+    calls = []
+
+    def ratio(arch):
+        calls.append(arch)
+        return _ratio(arch)
+
+    sampler = DintsSampler(4, 3, 3, True, MemoryLimit(ratio, 0.5, "fraction of active paths"))
+    arch = sampler.uniform(np.random.default_rng(0))
+    drawn = len(calls)
+    assert sampler.memory(arch) == _ratio(arch) and len(calls) == drawn  # the admitted value, not re-measured
+    copy = sampler.from_dict(json.loads(json.dumps(arch.to_dict())))
+    assert sampler.memory(copy) == _ratio(arch) and len(calls) == drawn  # same key, same value

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from dints3d import __version__
 from dints3d.errors import DintsError
-from dints3d.io import atomic_path, read_json, write_json, write_text
+from dints3d.io import read_json, write_atomic, write_json, write_text
 from dints3d.random_search.trials import TrialRow, append_row, ranked, read_rows, top_k_table, trials_figure
 from dints3d.resume_settings import changed_settings
 from dints3d.spaces.base import Architecture
@@ -210,7 +211,9 @@ class RandomSearch:
             save_figure(figure, self.out / "arch.png")
         state = self.out / "topk" / f"trial_{winner.trial:04d}.pt"
         if top and state.exists():
-            _save_state(self.out / "model.pt", self.finalize_state(torch.load(state, weights_only=True)))
+            kept = load_state(state, "the trial's trained weights", hint=f"; delete it and the trial's row in "
+                              f"{TOPK_FILE}, then rerun with --resume to re-evaluate it")
+            _save_state(self.out / "model.pt", self.finalize_state(kept))
         save_figure(trials_figure(rows, top, f"{self.sampler.name} random search: {len(rows)} trials"),
                     self.out / "trials.png")
         table = top_k_table(rows, top, max(self.budget.top_k, 1))
@@ -226,8 +229,25 @@ class RandomSearch:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | Path, what: str, map_location: str | torch.device = "cpu", hint: str = "") -> dict:
+    """``torch.load(path, weights_only=True)`` of a dict of tensors (a state dict, or a dict holding one). A
+    missing, unreadable or non-dict file is a :class:`DintsError` naming ``path``, ``what`` it should hold and
+    ``hint`` (appended to the message)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise DintsError(path, f"{what}: file not found{hint}") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling, zip or I/O failure means the file is unusable
+        # torch's unpickling message suggests weights_only=False, which is not an option for files users pass in
+        reason = ("not loadable with torch.load(weights_only=True)" if isinstance(e, pickle.UnpicklingError)
+                  else (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160])
+        raise DintsError(path, f"cannot be read as {what} ({type(e).__name__}: {reason}){hint}") from None
+    if not isinstance(state, dict):
+        raise DintsError(path, f"holds a {type(state).__name__}, not {what} (a dict of tensors){hint}")
+    return state
 
 
 def _json_safe(data):

@@ -4,10 +4,11 @@ Proxy patches are seeded random crops of the preprocessed cases of the fold's tr
 class-balanced for MSD volumes (``RandCropByLabelClassesd``, equal ratios; with a 2-D backbone, axial slices
 ``h × w`` cut as ``h × w × 1`` crops), uniform for Cityscapes images (padded with the ignore label). The
 backbone's weights come from ``dpc.backbone_weights``, or from ``dpc.pretrain_iterations`` steps of training the
-backbone network on the training patches, or are its random initialisation. Its features are computed once (no augmentation, eval mode) and stored as float16 under
-``CACHE/<key>/``, where the key hashes everything they depend on (backbone architecture and weights, data, patch,
-counts, seed, feature depth), so another search with the same inputs — a resumed one, or a new one pointed at the
-same ``dpc.cache_dir`` — loads them without running the backbone.
+backbone network on the training patches, or are its random initialisation. Its features are computed once (no
+augmentation, eval mode) and stored as float16 under ``CACHE/<key>/``, where the key hashes everything they depend
+on (backbone architecture and weights, data, patch, counts, seed, feature depth), so another search with the same
+inputs — a resumed one, or a new one pointed at the same ``dpc.cache_dir`` — loads them without running the
+backbone. An unreadable cache folder is computed again; unreadable ``dpc.backbone_weights`` are an error.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from dints3d.config import Config
 from dints3d.data.dataset import load_items
 from dints3d.data.transforms import validation_transforms
 from dints3d.errors import DintsError
-from dints3d.io import atomic_path, read_json, write_json
+from dints3d.io import read_json, write_atomic, write_json
 from dints3d.losses import segmentation_loss
+from dints3d.random_search.engine import load_state
 from dints3d.random_search.train import Schedule, cycling_batches, train_steps
 from dints3d.runtime import Runtime, seed_everything
 from dints3d.spaces.base import Architecture
@@ -136,8 +138,7 @@ def cache_key(identity: dict) -> str:
 
 
 def _save_tensors(path: Path, tensors: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(tensors, tmp)
+    write_atomic(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def cached_features(cfg: Config, work: str | os.PathLike, backbone: Architecture, plan: dict, patch: list[int],
@@ -150,12 +151,14 @@ def cached_features(cfg: Config, work: str | os.PathLike, backbone: Architecture
     key = cache_key(identity)
     folder = Path(cache_dir) / key
     if (folder / META_FILE).is_file():
-        meta = read_json(folder / META_FILE)
         try:
+            meta = read_json(folder / META_FILE)
+            if not (folder / BACKBONE_FILE).is_file():
+                raise FileNotFoundError(folder / BACKBONE_FILE)
             data = torch.load(folder / FEATURES_FILE, weights_only=True)
-            return ProxyFeatures(**data, channels=meta["channels"], stride=meta["stride"], folder=folder, key=key,
-                                 hit=True, backbone_forwards=0)
-        except Exception as e:  # noqa: BLE001 - any unreadable cache is recomputed
+            return ProxyFeatures(**data, channels=int(meta["channels"]), stride=int(meta["stride"]), folder=folder,
+                                 key=key, hit=True, backbone_forwards=0)
+        except Exception as e:  # noqa: BLE001 - any unreadable cache (meta.json or features.pt) is recomputed
             tqdm.write(f"warning: feature cache {folder} is unreadable ({type(e).__name__}); recomputing it")
             (folder / META_FILE).unlink()
 
@@ -168,7 +171,7 @@ def cached_features(cfg: Config, work: str | os.PathLike, backbone: Architecture
     seed_everything(cfg.seed)
     net = backbone.build(in_channels, classes, channel_mul=dpc.backbone_channel_mul).to(runtime.device)
     if dpc.backbone_weights is not None:
-        state = torch.load(dpc.backbone_weights, map_location=runtime.device, weights_only=True)
+        state = load_state(dpc.backbone_weights, "backbone weights (dpc.backbone_weights)", runtime.device)
         try:
             net.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         except (RuntimeError, AttributeError) as e:

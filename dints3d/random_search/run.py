@@ -18,7 +18,7 @@ from dints3d.config import Config, config_path, config_to_dict, load_config
 from dints3d.data.dataset import load_plan
 from dints3d.errors import DintsError
 from dints3d.io import write_yaml
-from dints3d.random_search.engine import RandomSearch, budget_from_config
+from dints3d.random_search.engine import RandomSearch, budget_from_config, load_state
 from dints3d.random_search.train import Schedule
 from dints3d.runtime import Runtime, init_runtime
 from dints3d.spaces.base import load_architecture
@@ -63,7 +63,8 @@ def dpc_search(cfg: Config, work: str | Path, out: str | Path, runtime: Runtime,
 
     def full_state(head: dict) -> dict:
         """Backbone (feature extractor) + head weights: the state dict of the winner's ``DpcNetwork``."""
-        state = torch.load(features.backbone_state_path, weights_only=True)
+        state = load_state(features.backbone_state_path, "the cached backbone weights",
+                           hint=f"; delete the cache folder {features.folder} to compute it again")
         extractor, _ = backbone_features(backbone, int(plan["in_channels"]), classes, dpc.feature_depth,
                                          dpc.backbone_channel_mul, state)
         return {**{f"backbone.{k}": v for k, v in extractor.state_dict().items()},
@@ -130,8 +131,8 @@ def network_random_search(cfg: Config, work: str | Path, out: str | Path, runtim
 
     def evaluator(arch, iterations: int, seed: int):
         result = train_and_score(arch, iterations, seed)
-        if limit is not None:
-            result.metrics["memory"] = limit.measure(arch)  # in the limit's units (see random_search.json)
+        if limit is not None:  # in the limit's units (see random_search.json); measured when the sampler admitted it
+            result.metrics["memory"] = sampler.memory(arch)
         return result
 
     settings = {"train": config_to_dict(cfg)["train"], "data": config_to_dict(cfg)["data"],

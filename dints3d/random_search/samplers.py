@@ -104,14 +104,25 @@ class NetworkSampler:
 
     name: str
     what: str
-    limit: MemoryLimit | None
+
+    def __init__(self, limit: MemoryLimit | None):
+        self.limit = limit
+        self._measured: dict[str, float] = {}  #: architecture key → ``limit.measure``
 
     def settings(self) -> dict:
         limit = None if self.limit is None else {"what": self.limit.what, "limit": self.limit.limit}
         return {**self._shape(), "memory_limit": limit}
 
+    def memory(self, arch) -> float:
+        """``limit.measure(arch)``, computed once per architecture (by :meth:`key`): a memory prediction builds the
+        network on the meta device, so the value the sampler admitted an architecture with is reused."""
+        key = self.key(arch)
+        if key not in self._measured:
+            self._measured[key] = float(self.limit.measure(arch))
+        return self._measured[key]
+
     def _admitted(self, arch) -> bool:
-        return self.limit is None or self.limit.measure(arch) <= self.limit.limit
+        return self.limit is None or self.memory(arch) <= self.limit.limit
 
     def uniform(self, rng: np.random.Generator):
         for _ in range(MAX_ATTEMPTS):
@@ -147,8 +158,9 @@ class DintsSampler(NetworkSampler):
         from dints3d.spaces.dints import operation_names
         from dints3d.spaces.dints_topology import DintsTopology
 
+        super().__init__(limit)
         self.num_blocks, self.num_depths, self.spatial_dims = num_blocks, num_depths, spatial_dims
-        self.use_downsample, self.limit = use_downsample, limit
+        self.use_downsample = use_downsample
         topo = DintsTopology(num_depths)
         self.path_in, self.path_out = topo.path_in.numpy(), topo.path_out.numpy()
         self.num_ops = len(operation_names(spatial_dims))
@@ -215,8 +227,9 @@ class AutoDeepLabSampler(NetworkSampler):
                  limit: MemoryLimit | None = None, num_levels: int = 4):
         from dints3d.spaces.autodeeplab_ops import CELL_OPERATIONS
 
+        super().__init__(limit)
         self.num_layers, self.num_blocks, self.num_levels = num_layers, num_blocks, num_levels
-        self.filter_multiplier, self.spatial_dims, self.limit = filter_multiplier, spatial_dims, limit
+        self.filter_multiplier, self.spatial_dims = filter_multiplier, spatial_dims
         self.operations = list(CELL_OPERATIONS)
 
     def _shape(self) -> dict:

@@ -1,7 +1,7 @@
 """Short training schedules that score one random-search trial.
 
 - :func:`train_steps`: SGD with momentum and the ``train:`` section's halving schedule on any stream of
-  ``(image, label)`` batches (non-finite steps are skipped).
+  ``(image, label)`` batches, with the runtime's loss scaling under fp16 autocast (non-finite steps are skipped).
 - :class:`NetworkEvaluator`: a whole discrete network (DiNTS baselines) trained on the fold's training patches and
   scored as the search validates (mean foreground Dice for MSD tasks, mean IoU for Cityscapes).
 - :class:`HeadEvaluator`: a DPC head trained on cached backbone features and scored on the cached validation patches
@@ -46,30 +46,49 @@ class Schedule:
 
 def train_steps(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], iterations: int,
                 schedule: Schedule, runtime: Runtime, loss_fn: torch.nn.Module) -> dict:
-    """``iterations`` SGD steps of ``loss_fn(model(image), label)`` over ``batches`` (``B C [spatial]`` images,
-    ``B 1 [spatial]`` labels; logits smaller than the label are resized to it). Returns the mean loss of the last
-    tenth of the steps and the number of skipped non-finite steps."""
+    """``iterations`` SGD steps of ``loss_fn(model(image), label)`` over ``batches`` (``B C [spatial]`` images of any
+    float dtype, e.g. cached float16 features, converted to float32 on the device; ``B 1 [spatial]`` labels; logits
+    smaller than the label are resized to it). The loss is scaled by ``runtime.grad_scaler(schedule.amp)`` (enabled
+    for fp16 autocast on CUDA, see :func:`dints3d.runtime.amp_policy`). Returns the mean loss of the finite steps in
+    the last tenth and the number of skipped non-finite steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    scaler = runtime.grad_scaler(schedule.amp)
     model.train()
-    tail, skipped = [], 0
+    dev = runtime.device
+    # running sums stay on the device: one host transfer at the end instead of one per step
+    tail_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    tail_count = torch.zeros((), dtype=torch.int64, device=dev)
+    skipped = torch.zeros((), dtype=torch.int64, device=dev)
+    tail_start = iterations - max(1, iterations // 10)
     for t in range(iterations):
         image, label = next(batches)
-        image, label = image.to(runtime.device), label.to(runtime.device)
+        image = image.to(dev, non_blocking=True).float()
+        label = label.to(dev, non_blocking=True)
         for group in opt.param_groups:
             group["lr"] = schedule.lr * weight_lr_factor(t, iterations, 0, schedule.decay_points)
         opt.zero_grad(set_to_none=True)
         with runtime.autocast(schedule.amp):
             logits = model(image)
         loss = loss_fn(resize_logits(logits.float(), label.shape[2:]), label)
-        if not torch.isfinite(loss):
-            skipped += 1
-            continue
-        loss.backward()
-        opt.step()
-        if t >= iterations - max(1, iterations // 10):
-            tail.append(float(loss.detach()))
-    return {"train_loss": sum(tail) / len(tail) if tail else math.nan, "nonfinite_steps": skipped}
+        finite = torch.isfinite(loss.detach())
+        scaler.scale(loss).backward()
+        if scaler.is_enabled():
+            # a non-finite loss gives non-finite gradients, and the scaler's own check refuses the step (it reads
+            # its found-inf flag on the host once per step, as the search loop's scalers do)
+            scaler.step(opt)
+            scaler.update()
+        elif finite:
+            # One host sync per step, kept on purpose: skipping an SGD step cannot be done on the device (zeroed
+            # gradients would still apply momentum and weight decay). Without a scaler this is the CPU (where it costs
+            # nothing) or CUDA with amp off.
+            opt.step()
+        skipped += ~finite
+        if t >= tail_start:
+            tail_sum += torch.where(finite, loss.detach().double(), 0.0)
+            tail_count += finite
+    total, count, nonfinite = torch.stack([tail_sum, tail_count.double(), skipped.double()]).tolist()
+    return {"train_loss": total / count if count else math.nan, "nonfinite_steps": int(nonfinite)}
 
 
 def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:
@@ -95,15 +114,40 @@ def class_scores(matrix: torch.Tensor, metric: str) -> dict:
 
 def cycling_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                     seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches of ``(images[i], labels[i])``, a fresh seeded permutation per pass; images as float32."""
+    """Endless batches of ``(images[i], labels[i])``, a fresh seeded permutation per pass, on the tensors' device and
+    in their dtype (cached float16 features stay float16: half the bytes to copy; :func:`train_steps` converts them
+    on the device)."""
     rng = np.random.default_rng(seed)
     n = len(images)
     size = min(batch_size, n)
     while True:
-        order = torch.as_tensor(rng.permutation(n))
+        order = torch.as_tensor(rng.permutation(n)).to(images.device)
         for start in range(0, n - size + 1, size):
             idx = order[start : start + size]
-            yield images[idx].float(), labels[idx]
+            yield images[idx], labels[idx]
+
+
+#: cached features move to the GPU when they take at most this fraction of its free memory
+DEVICE_CACHE_FRACTION = 0.25
+
+
+def features_fit_on_device(nbytes: int, free_bytes: int) -> bool:
+    """Whether ``nbytes`` of cached features should live on the GPU, given its ``free_bytes``."""
+    return nbytes <= DEVICE_CACHE_FRACTION * free_bytes
+
+
+def place_features(features, device: torch.device) -> None:
+    """Put the cached tensors of ``features`` (``train_x``, ``train_y``, ``val_x``, ``val_y``) where the trials read
+    them fastest: on a CUDA ``device`` when they fit (:func:`features_fit_on_device`), else in pinned host memory so
+    the per-batch copies are asynchronous. On the CPU they stay as they are."""
+    names = ("train_x", "train_y", "val_x", "val_y")
+    if device.type != "cuda":
+        return
+    nbytes = sum(getattr(features, n).nbytes for n in names)
+    on_device = features_fit_on_device(nbytes, torch.cuda.mem_get_info(device)[0])
+    for n in names:
+        tensor = getattr(features, n)
+        setattr(features, n, tensor.to(device) if on_device else tensor.pin_memory())
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -112,11 +156,13 @@ def _count(model: torch.nn.Module) -> int:
 
 class HeadEvaluator:
     """Trains a DPC head on cached features (``features.train_x``, ``B C [feature spatial]``, float16) against the
-    patches' labels and scores it on the cached validation features. The state returned is the head's."""
+    patches' labels and scores it on the cached validation features. The state returned is the head's. On a CUDA
+    device the features are moved to it once (or pinned) by :func:`place_features`."""
 
     def __init__(self, features, plan: dict, schedule: Schedule, batch_size: int, runtime: Runtime):
         from dints3d.search.validate_iou import validation_metric
 
+        place_features(features, runtime.device)
         self.features, self.num_classes = features, int(plan["out_channels"])
         self.loss_fn, self.metric = segmentation_loss(plan), validation_metric(plan)[0]
         self.schedule, self.batch_size, self.rt = schedule, batch_size, runtime
@@ -132,17 +178,17 @@ class HeadEvaluator:
 
     @torch.no_grad()
     def score(self, head: torch.nn.Module) -> dict:
-        f, k = self.features, self.num_classes
+        f, k, dev = self.features, self.num_classes, self.rt.device
         head.eval()
-        total = torch.zeros(k, k + 1, dtype=torch.int64)
+        total = torch.zeros(k, k + 1, dtype=torch.int64, device=dev)  # counted on the device, read once
         for start in range(0, len(f.val_x), self.batch_size):
-            x = f.val_x[start : start + self.batch_size].float().to(self.rt.device)
-            y = f.val_y[start : start + self.batch_size]
+            x = f.val_x[start : start + self.batch_size].to(dev, non_blocking=True).float()
+            y = f.val_y[start : start + self.batch_size].to(dev, non_blocking=True)
             with self.rt.autocast(self.schedule.amp):
                 logits = head(x)
-            pred = resize_logits(logits.float(), y.shape[2:]).argmax(1).cpu()
+            pred = resize_logits(logits.float(), y.shape[2:]).argmax(1)
             total += confusion_matrix(pred, y[:, 0], k)
-        return class_scores(total, self.metric)
+        return class_scores(total.cpu(), self.metric)
 
 
 class NetworkEvaluator:
