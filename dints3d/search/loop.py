@@ -35,6 +35,7 @@ from dints3d.preflight import (
     out_of_memory_advice,
     remove_stale_temporaries,
 )
+from dints3d.resume_settings import changed_settings, split_changes
 from dints3d.runtime import Runtime, rng_states, seed_everything, set_rng_states
 from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
 from dints3d.search.validate_iou import validate_scores, validation_metric
@@ -143,22 +144,20 @@ class SearchRun:
     def _check_resumable_config(self, saved: dict, path: Path) -> None:
         """Refuse a resume whose config differs from the checkpoint's outside :data:`RESUME_MAY_CHANGE`; warn
         about the changes allowed."""
-        then = _leaves(config_to_dict(config_from_dict(saved["config"], str(path))))
-        now = _leaves(config_to_dict(self.cfg))
-        changed = [key for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
-        refused = [key for key in changed if key not in RESUME_MAY_CHANGE]
+        then = config_to_dict(config_from_dict(saved["config"], str(path)))
+        changes = changed_settings(then, config_to_dict(self.cfg))
+        _, refused = split_changes(changes, RESUME_MAY_CHANGE)
         if refused:
-            key = refused[0]
-            raise DintsError(path, f"was written with a different config ({key}: {then.get(key)!r} then, "
-                             f"{now.get(key)!r} now); resume with the same settings (only "
-                             f"{', '.join(RESUME_MAY_CHANGE)} may change)")
+            key, (old, new) = next(iter(refused.items()))
+            raise DintsError(path, f"was written with a different config ({key}: {old!r} then, {new!r} now); resume "
+                             f"with the same settings (only {', '.join(RESUME_MAY_CHANGE)} may change)")
         done = int(saved["loop"].get("iteration", 0)) if isinstance(saved.get("loop"), dict) else 0
         if self.cfg.search.iterations < done:
             raise DintsError(path, f"holds {done} completed iterations, more than search.iterations="
                              f"{self.cfg.search.iterations}")
-        if changed:
+        if changes:
             warnings.warn("resuming with changed settings: " + ", ".join(
-                f"{key} {then.get(key)!r} → {now.get(key)!r}" for key in changed), stacklevel=2)
+                f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items()), stacklevel=2)
 
     def _apply_memory_budget(self) -> dict | None:
         """Translate ``search.memory_budget_gb`` into σ for the memory loss (``dints3d/search/budget.py``)."""
@@ -541,17 +540,6 @@ def _allgather_mean(dice: list[float], rt: Runtime) -> list[float]:
     gathered = [torch.zeros_like(t) for _ in range(rt.world_size)]
     torch.distributed.all_gather(gathered, t)
     return torch.nanmean(torch.stack(gathered), 0).cpu().tolist()
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    """``{"search": {"lr": 0.1}}`` → ``{"search.lr": 0.1}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _loop_state(saved: dict, cfg: Config, world_size: int) -> LoopState:
