@@ -73,6 +73,9 @@ def test_resume_with_other_settings_or_nothing_to_resume_is_refused(tmp_path):
     more = FakeEvaluator()  # a larger budget is fine
     RandomSearch(tmp_path / "a", _sampler(), more, _budget(trials=4, top_k=0), resume=True).run()
     assert len(more.calls) == 2 and len(read_rows(tmp_path / "a" / "trials.csv")) == 4
+    (tmp_path / "a" / "random_search.json").write_text("[1, 2]")  # valid JSON, not the settings object
+    with pytest.raises(DintsError, match="random_search.json: is not a settings object"):
+        RandomSearch(tmp_path / "a", _sampler(), FakeEvaluator(), _budget(trials=4, top_k=0), resume=True)
 
 
 def test_partial_last_row_is_dropped(tmp_path):

@@ -109,7 +109,10 @@ class RandomSearch:
             if not resume:
                 raise DintsError(self.out, "already holds a random search; pass --resume to continue it or choose "
                                  "another --out")
-            changes = changed_settings(read_json(settings_path), _plain(fixed))
+            saved = read_json(settings_path)
+            if not isinstance(saved, dict):
+                raise DintsError(settings_path, "is not a settings object (damaged?); start a new --out")
+            changes = changed_settings(saved, _plain(fixed))
             if changes:
                 raise DintsError(settings_path, f"was written with different settings ('{next(iter(changes))}' "
                                  "differs); resume with the same settings (only the budget may change)")
