@@ -30,6 +30,12 @@ def previous_path(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether :func:`load_checkpoint` has a file to try: ``path`` or its ``<name>.prev.pt``."""
+    path = Path(path)
+    return path.exists() or previous_path(path).exists()
+
+
 def _keep_as_previous(path: Path) -> None:
     """Make ``<name>.prev.pt`` the current ``<name>.pt``, leaving ``<name>.pt`` in place when the file system
     has hard links (else it is renamed, and a kill before the new file arrives leaves only ``<name>.prev.pt``,

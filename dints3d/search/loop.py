@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from dints3d import __version__
-from dints3d.checkpoint import load_checkpoint, save_checkpoint
+from dints3d.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from dints3d.config import Config, config_from_dict, config_to_dict
 from dints3d.data.dataset import load_items, load_plan, make_dataset
 from dints3d.data.stream import PatchStream, stream_loader
@@ -104,11 +104,11 @@ class SearchRun:
                 remove_stale_temporaries(folder)
         last = self.ckpt_dir / "last.pt"
         if resume:
-            if not last.exists() and not (self.ckpt_dir / "last.prev.pt").exists():
+            if not has_checkpoint(last):
                 raise DintsError(last, "no checkpoint to resume from (start without --resume)")
             saved = load_checkpoint(last)
             self._check_resumable_config(saved, last)
-        elif last.exists():
+        elif has_checkpoint(last):
             raise DintsError(self.out, "already holds a search; pass --resume to continue it or choose another --out")
         else:
             saved = None

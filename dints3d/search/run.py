@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def wants_resume(mode: str | None, out: str | Path) -> bool:
     """``--resume`` → True; ``--resume auto`` → whether ``out`` holds a checkpoint; no flag → False."""
     if mode == "auto":
-        checkpoints = Path(out) / "checkpoints"
-        return (checkpoints / "last.pt").exists() or (checkpoints / "last.prev.pt").exists()
+        from dints3d.checkpoint import has_checkpoint
+
+        return has_checkpoint(Path(out) / "checkpoints" / "last.pt")
     return mode == "yes"
 
 
