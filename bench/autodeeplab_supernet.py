@@ -7,7 +7,7 @@ supernet, one warm-up iteration on a small input (pages in kernels and allocator
 counter (``/proc/self/clear_refs``) and run ``--steps`` iterations; peak memory = VmHWM − VmRSS before the timed
 iterations, with ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed tensors return to the OS. The variants alternate for
 ``--rounds`` rounds (median time per iteration, largest peak). Beside the measurement, the memory model
-(``dints3d.memory.step_activation_memory``, meta tensors, nothing allocated) gives each variant's activations saved
+(``dints3d.cost.memory.step_activation_memory``, meta tensors, nothing allocated) gives each variant's activations saved
 for backward in one weight step, at the measured crop and at the paper's search setting (``--model-size``, 321×321,
 batch 2).
 Usage: python bench/autodeeplab_supernet.py [--size 64 64] [--layers 12] [--filters 8]. The last line is JSON.
@@ -30,8 +30,8 @@ def child(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from dints3d.memory import proc_status_kib
-    from dints3d.spaces.autodeeplab import AutoDeepLabSearchSpace
+    from dints3d.cost.memory import proc_status_kib
+    from dints3d.spaces.autodeeplab.supernet import AutoDeepLabSearchSpace
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -79,8 +79,8 @@ def run_child(spec: dict) -> dict:
 
 def predicted_activations(spec: dict, size: list[int]) -> int:
     """Bytes saved for backward by one weight step (α/β frozen), fp32, from the memory model."""
-    from dints3d.memory import parameters_on_meta, step_activation_memory
-    from dints3d.spaces.autodeeplab import AutoDeepLabSearchSpace
+    from dints3d.cost.memory import parameters_on_meta, step_activation_memory
+    from dints3d.spaces.autodeeplab.supernet import AutoDeepLabSearchSpace
 
     with parameters_on_meta():
         space = AutoDeepLabSearchSpace(3, spec["classes"], num_layers=spec["layers"], num_blocks=spec["blocks"],

@@ -13,7 +13,7 @@ activations, gradients and transient buffers count and the resident model does n
 fixed so freed tensors leave the RSS. That threshold makes every large allocation a fresh mmap, so the step times the
 children print are inflated and only indicative; time ratios come from ``bench/search_step.py --checkpoint-cells``
 (in-process, interleaved). The ``ours`` figure is also compared with the memory model: ``activations + transient``
-of :func:`dints3d.memory.predict_search_step_memory` (what a step adds on top of parameters, optimizer state and
+of :func:`dints3d.cost.memory.predict_search_step_memory` (what a step adds on top of parameters, optimizer state and
 the previous step's gradients, all resident before it).
 Usage: python bench/checkpointing.py [--side 64] [--fractions 1.0 0.5] [--repeats 1] [--threads 1] [--amp].
 Last line: JSON summary.
@@ -28,8 +28,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_common import (MonaiSearchStep, OurSearchStep, make_batches, measure_step_peak,  # noqa: E402
-                           our_search_run, run_in_fresh_process)
+from search_common import (  # noqa: E402
+    MonaiSearchStep,
+    OurSearchStep,
+    make_batches,
+    measure_step_peak,
+    our_search_run,
+    run_in_fresh_process,
+)
 
 
 def child(spec: dict) -> dict:
@@ -51,7 +57,7 @@ def predicted_step_mib(side: int, amp: bool, threads: int) -> float:
     """The memory model's ``activations + transient`` of our (non-checkpointed) search step."""
     import torch
 
-    from dints3d.memory import predict_search_step_memory
+    from dints3d.cost.memory import predict_search_step_memory
 
     torch.set_num_threads(threads)  # the CPU convolution path (and so im2col) depends on it
     hparams = {"num_blocks": 12, "num_depths": 4, "channel_mul": 0.5}

@@ -14,7 +14,7 @@ import warnings
 import torch
 from monai.losses import DiceCELoss
 
-from dints3d.spaces.dints import DintsSearchSpace
+from dints3d.spaces.dints.supernet import DintsSearchSpace
 
 
 def main() -> None:

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_common import (OurSearchStep, make_batches, measure_step_peak, our_search_run,  # noqa: E402
-                           run_in_fresh_process)
+from search_common import OurSearchStep, make_batches, measure_step_peak, our_search_run, run_in_fresh_process  # noqa: E402
 
 
 def child(spec: dict) -> dict:

@@ -19,9 +19,9 @@ import time
 import torch
 from monai.networks.nets.dints import TopologySearch
 
-from dints3d.search.decode import decode_topology, path_cost
-from dints3d.search.regularizers import pattern_probabilities
-from dints3d.spaces.dints_topology import DintsTopology
+from dints3d.spaces.dints.decode import decode_topology, path_cost
+from dints3d.spaces.dints.relaxation import pattern_probabilities
+from dints3d.spaces.dints.topology import DintsTopology
 
 NUM_BLOCKS = 12
 

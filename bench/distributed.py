@@ -33,8 +33,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from dints3d.config import config_path, load_config
-    from dints3d.runtime import init_runtime
     from dints3d.search.loop import SearchRun
+    from dints3d.utils.runtime import init_runtime
 
     torch.set_num_threads(args.threads)
     cfg = load_config(config_path("demo"), SEARCH)

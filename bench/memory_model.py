@@ -2,9 +2,9 @@
 
 For each of ``--archs`` random connected architectures (4 blocks × 3 depths, channel_mul 0.25, seeded), each patch
 size (32³, 48³) and precision (fp32, bf16 autocast as the AMP proxy): the prediction of
-``dints3d.memory.predict_training_memory`` (meta device, no allocation) minus the parameters, against the peak RSS
+``dints3d.cost.memory.predict_training_memory`` (meta device, no allocation) minus the parameters, against the peak RSS
 increase of two SGD-momentum DiceCE training steps in a fresh subprocess after imports, model build and a warm-up
-(``dints3d.memory.measure_training_memory``). Error = (predicted − measured) / measured.
+(``dints3d.cost.memory.measure_training_memory``). Error = (predicted − measured) / measured.
 Usage: python bench/memory_model.py [--archs 5] [--threads 2] [--seed 2021]. The last line printed is the JSON summary.
 """
 
@@ -15,7 +15,8 @@ import json
 
 import numpy as np
 
-from dints3d.memory import measure_training_memory, meta_network, predict_training_memory, random_dints_architecture
+from dints3d.cost.memory import measure_training_memory, meta_network, predict_training_memory
+from dints3d.spaces.dints.architecture import random_dints_architecture
 
 NUM_BLOCKS, NUM_DEPTHS, CHANNEL_MUL, CLASSES = 4, 3, 0.25, 3
 SIDES = (32, 48)

@@ -30,13 +30,13 @@ import torch
 from dints3d.config import load_config
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
-from dints3d.io import read_json, write_json
 from dints3d.random_search.run import memory_limit, network_random_search
 from dints3d.random_search.train import NetworkEvaluator
 from dints3d.random_search.trials import read_rows
-from dints3d.runtime import init_runtime
 from dints3d.search.loop import SearchRun
-from dints3d.spaces.base import architecture_from_dict, load_architecture
+from dints3d.spaces.factory import architecture_from_dict, load_architecture
+from dints3d.utils.io import read_json, write_json
+from dints3d.utils.runtime import init_runtime
 
 
 def settings(args) -> list[str]:

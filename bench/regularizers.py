@@ -15,8 +15,9 @@ import time
 import torch
 from monai.networks.nets.dints import TopologySearch
 
-from dints3d.search import regularizers as reg
-from dints3d.spaces.dints_topology import DintsTopology
+from dints3d.spaces.dints import regularizers as reg
+from dints3d.spaces.dints.relaxation import pattern_probabilities
+from dints3d.spaces.dints.topology import DintsTopology
 
 NUM_BLOCKS, NUM_DEPTHS = 12, 4
 IN_SIZE = (1, 1, 96, 96, 96)
@@ -36,8 +37,8 @@ def monai_step(space: TopologySearch) -> torch.Tensor:
 
 
 def our_step(beta, alpha, ram_cost, out_sizes, topology) -> torch.Tensor:
-    """The same terms through dints3d.search.regularizers."""
-    probs = reg.pattern_probabilities(beta, topology.patterns)
+    """The same terms through dints3d.spaces.dints.regularizers."""
+    probs = pattern_probabilities(beta, topology.patterns)
     loss = (
         reg.path_entropy(probs)
         + reg.op_entropy(alpha)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import DiNTS, TopologySearch
 
-from dints3d.memory import proc_status_kib
+from dints3d.cost.memory import proc_status_kib
 
 NUM_BLOCKS, NUM_DEPTHS, CHANNEL_MUL, CLASSES = 12, 4, 0.5, 3
 LR, ARCH_LR, RAM_COST_FACTOR = 0.025, 0.001, 0.8
@@ -127,8 +127,8 @@ def our_search_run(side: int, amp: bool, checkpoint_cells: bool = False, fractio
     from dints3d.config import load_config
     from dints3d.data.prepare import prepare
     from dints3d.data.synthetic import make_msd_task
-    from dints3d.runtime import init_runtime
     from dints3d.search.loop import SearchRun
+    from dints3d.utils.runtime import init_runtime
 
     with tempfile.TemporaryDirectory(prefix="dints3d-bench-") as tmp:
         root = Path(tmp)

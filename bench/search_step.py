@@ -5,7 +5,7 @@ One search step = weight step + architecture step at L = 12, D = 4, channel_mul 
 same weights: ``monai`` (the baseline), ``ours_same_kernels`` (``search.cpu_conv_routing=false``: every convolution
 runs the kernel PyTorch picks, as in the baseline — the figure that carries over to a GPU) and ``ours``
 (the default, ``cpu_conv_routing=true``: batch-1 convolutions PyTorch would run with ``slow_conv3d`` go to oneDNN,
-``dints3d/cpu_conv.py``). After one warm-up step each, ``--repeats`` rounds run every variant once, in rotating
+``dints3d/spaces/dints/cpu_conv.py``). After one warm-up step each, ``--repeats`` rounds run every variant once, in rotating
 order. Reports the medians and ratios to MONAI (below 1 is faster), the first steps' loss agreement, and, with
 ``--profile``, the torch.profiler tables of one step each with the share of convolution kernels in the CPU time.
 Usage: python bench/search_step.py [--side 64] [--repeats 3] [--threads 1] [--amp] [--profile]

@@ -1,7 +1,7 @@
 """The ``dints3d`` command. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their subcommand runs, so ``dints3d --help`` is instant.
 
-User errors (:class:`~dints3d.errors.DintsError`) print one line ``error: <file>: <problem>`` and exit 2.
+User errors (:class:`~dints3d.utils.errors.DintsError`) print one line ``error: <file>: <problem>`` and exit 2.
 """
 
 from __future__ import annotations
@@ -11,19 +11,20 @@ import importlib
 import sys
 
 from dints3d import __version__
-from dints3d.errors import DintsError
+from dints3d.utils.errors import DintsError
 
 #: subcommand → (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dints3d.data.synthetic", "write a synthetic MSD-format (or Cityscapes-format) task folder"),
     "prepare": ("dints3d.data.prepare", "validate an MSD task or Cityscapes folder, write fingerprint, plan, datalist"),
     "search": ("dints3d.search.run", "search an architecture (DiNTS or Auto-DeepLab: `space`) on a prepared task"),
-    "export": ("dints3d.bundle", "export a searched architecture as a MONAI bundle"),
-    "train": ("dints3d.bundle_commands", "retrain a bundle's architecture (wraps monai.bundle run)"),
-    "infer": ("dints3d.bundle_commands", "inference with a bundle on NIfTI files (Cityscapes bundles: PNG images)"),
-    "evaluate": ("dints3d.evaluate", "Dice, HD95, NSD of masks vs labels; --format cityscapes: mean IoU (official)"),
-    "import-arch": ("dints3d.arch_import", "convert a torch-pickled DiNTS arch file to arch.json"),
-    "describe": ("dints3d.describe", "parameters, multiply-adds and memory of an architecture or preset"),
+    "export": ("dints3d.bundle.export", "export a searched architecture as a MONAI bundle"),
+    "train": ("dints3d.bundle.train", "retrain a bundle's architecture (wraps monai.bundle run)"),
+    "infer": ("dints3d.bundle.infer", "inference with a bundle on NIfTI files (Cityscapes bundles: PNG images)"),
+    "evaluate": ("dints3d.evaluation.metrics",
+                 "Dice, HD95, NSD of masks vs labels; --format cityscapes: mean IoU (official)"),
+    "import-arch": ("dints3d.spaces.dints.arch_import", "convert a torch-pickled DiNTS arch file to arch.json"),
+    "describe": ("dints3d.cost.describe", "parameters, multiply-adds and memory of an architecture or preset"),
     "demo": ("dints3d.demo", "synthetic task → prepare → search → export → train → infer → evaluate"),
     "random-search": ("dints3d.random_search.run", "random search: DPC cells on cached features, or DiNTS baselines"),
 }

@@ -1,7 +1,7 @@
 """Typed configuration: YAML files loaded into dataclasses, overridable with ``--set section.key=value``.
 
 Every stage reads one :class:`Config`. Unknown keys and values of the wrong type are refused with a
-:class:`~dints3d.errors.DintsError` that names the key and suggests the nearest valid one.
+:class:`~dints3d.utils.errors.DintsError` that names the key and suggests the nearest valid one.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from dints3d.errors import DintsError
-from dints3d.io import load_yaml_text, read_yaml
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import load_yaml_text, read_yaml
 
 
 @dataclass
@@ -86,7 +86,7 @@ class SearchConfig:
     checkpoint_cells: bool = False  #: activation checkpointing of supernet cells
     #: DiNTS: with checkpoint_cells, checkpoint the cells of the first round(fraction × num_blocks) blocks only
     checkpoint_fraction: float = 1.0
-    #: DiNTS: batch-1 CPU fp32 convolutions through oneDNN where PyTorch would pick slow_conv3d (dints3d.cpu_conv)
+    #: DiNTS: batch-1 CPU fp32 convolutions through oneDNN where PyTorch would pick slow_conv3d (dints3d.spaces.dints.cpu_conv)
     cpu_conv_routing: bool = True
     val_interval: int = 1000  #: iterations between validations (and decode snapshots)
     val_sw_batch_size: int = 1

@@ -19,17 +19,20 @@ from typing import Callable
 
 import torch
 
-from dints3d.bundle import export_bundle
-from dints3d.bundle_commands import infer, train
+from dints3d.bundle.export import export_bundle
+from dints3d.bundle.infer import infer
+from dints3d.bundle.train import train
 from dints3d.config import Config, config_path, load_config
 from dints3d.data.datalist import read_datalist
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
-from dints3d.errors import DintsError
-from dints3d.evaluate import evaluate_folders
-from dints3d.io import read_json, write_json
-from dints3d.runtime import init_runtime
-from dints3d.spaces.base import load_architecture
+from dints3d.evaluation.metrics import evaluate_folders
+from dints3d.search.loop import SearchRun
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.checkpoint import has_checkpoint
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import read_json, write_json
+from dints3d.utils.runtime import init_runtime
 
 STATE_FILE = "demo.json"
 #: bundle overrides for a quick CPU run: a lighter sliding window than the reference 0.625 overlap
@@ -39,7 +42,6 @@ BUNDLE_SETS = ("sw_overlap=0.25",)
 @dataclass
 class DemoSettings:
     """The synthetic task and the run's knobs (``config`` + ``overrides`` set prepare, search and training)."""
-
     cases: int = 10
     test_cases: int = 2
     size: int = 40
@@ -51,7 +53,6 @@ class DemoSettings:
 
 class Demo:
     """The stages of one demo folder ``out``, each skipped when ``out/demo.json`` records it as done."""
-
     def __init__(self, out: str | os.PathLike, settings: DemoSettings):
         self.out = Path(out).absolute()
         self.settings = settings
@@ -97,9 +98,7 @@ class Demo:
         return {"target_spacing": plan["target_spacing"], "patch_size": plan["patch_size"]}
 
     def search(self) -> dict:
-        from dints3d.search.loop import SearchRun
-
-        resume = any((self.run_dir / "checkpoints" / name).exists() for name in ("last.pt", "last.prev.pt"))
+        resume = has_checkpoint(self.run_dir / "checkpoints" / "last.pt")
         search = SearchRun(self.cfg, self.work, self.run_dir, init_runtime(self.cfg.device), resume=resume)
         try:
             arch_path = search.run()

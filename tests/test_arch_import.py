@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from dints3d.arch_import import import_architecture
 from dints3d.cli import main
-from dints3d.errors import DintsError
-from dints3d.spaces.base import PRESET_DIR, load_architecture
+from dints3d.spaces.dints.arch_import import import_architecture
+from dints3d.spaces.factory import PRESET_DIR, load_architecture
+from dints3d.utils.errors import DintsError
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from dints3d.cli import main
-from dints3d.describe import count_flops, deeplab_eval_crop, deeplab_tensorflow_macs
-from dints3d.errors import DintsError
-from dints3d.memory import meta_network
-from dints3d.nets.autodeeplab_net import AutoDeepLabNet
-from dints3d.spaces.autodeeplab import AutoDeepLabArchitecture
-from dints3d.spaces.base import architecture_from_dict, list_presets, load_architecture
-from dints3d.viz import save_figure
+from dints3d.cost.describe import count_flops, deeplab_eval_crop, deeplab_tensorflow_macs
+from dints3d.cost.memory import meta_network
+from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
+from dints3d.spaces.autodeeplab.network import AutoDeepLabNet
+from dints3d.spaces.factory import architecture_from_dict, list_presets, load_architecture
+from dints3d.utils.errors import DintsError
+from dints3d.utils.figures import save_figure
 
 #: Liu et al., CVPR 2019, Table 2: parameters of Auto-DeepLab-S/M/L (19 classes), and multiply-adds at 1024×2048
 TABLE_2 = {"autodeeplab-s": (20, 10.15e6, 333.25e9), "autodeeplab-m": (32, 21.62e6, 460.93e9),

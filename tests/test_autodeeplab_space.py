@@ -6,15 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import F64_RTOL, rel_error
 
 from dints3d.config import load_config
-from dints3d.errors import DintsError
-from dints3d.search.genotype import decode_cell, edge_offset, num_edges
-from dints3d.spaces.autodeeplab import AutoDeepLabArchitecture, AutoDeepLabSearchSpace, search_head_rate
-from dints3d.search.viterbi import STEPS
-from dints3d.spaces.autodeeplab_ops import OPERATIONS, ZERO, level_sizes, resize
-from dints3d.spaces.base import architecture_from_dict
-from dints3d.spaces.factory import build_search_space
+from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
+from dints3d.spaces.autodeeplab.decode import STEPS, decode_cell, edge_offset, num_edges
+from dints3d.spaces.autodeeplab.operations import OPERATIONS, ZERO, level_sizes, resize
+from dints3d.spaces.autodeeplab.supernet import AutoDeepLabSearchSpace, search_head_rate
+from dints3d.spaces.factory import architecture_from_dict, build_search_space
+from dints3d.utils.errors import DintsError
 
 TINY = dict(num_layers=3, num_blocks=2, filter_multiplier=2)
 
@@ -102,10 +102,10 @@ def test_supernet_follows_its_relaxation(supernet):
     """Two layers, two levels, written out: per_transition H = Σ_t p_t·Cell(H^{l-2}, proj_t(H^{l-1})), mixed_input
     H = Cell(H^{l-2}, Σ_t p_t·proj_t(H^{l-1})); H^{l-2} is the stem's stride-2 output for layer 1 and its stride-4
     output for both nodes of layer 2."""
-    space = tiny_space(supernet, num_layers=2, num_levels=2).eval()
+    space = tiny_space(supernet, num_layers=2, num_levels=2).eval().double()  # float64: conftest.F64_RTOL
     with torch.no_grad():
         space.beta.normal_()
-        x = torch.randn(1, 3, 22, 18)
+        x = torch.randn(1, 3, 22, 18, dtype=torch.float64)
         half, quarter = space.stem(x)
         sizes = level_sizes(quarter.shape[2:], 2)
         p, w = space.transition_probs(), space.op_weights()
@@ -122,7 +122,7 @@ def test_supernet_follows_its_relaxation(supernet):
         second = {node.level: node_output(node, 2, quarter, first) for node in space.nodes[1]}
         assert [n.sources for n in space.nodes[1]] == [[0, 1], [0, 1]]
         expected = sum(resize(head(torch.relu(second[j])), x.shape[2:]) for j, head in enumerate(space.heads))
-        assert torch.allclose(space(x), expected, atol=1e-6)
+        assert rel_error(space(x), expected) < F64_RTOL
 
 
 def test_three_dimensional_space_forward_backward():
@@ -140,13 +140,14 @@ def test_three_dimensional_space_forward_backward():
 
 
 def test_checkpointed_cells_give_the_same_gradients():
-    plain, ckpt = tiny_space(), tiny_space(checkpoint_cells=True)
+    plain, ckpt = tiny_space().double(), tiny_space(checkpoint_cells=True).double()  # float64: conftest.F64_RTOL
     ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     for space in (plain, ckpt):
         space(x).sum().backward()
-    assert torch.allclose(plain.alpha.grad, ckpt.alpha.grad, atol=1e-5)
-    assert torch.allclose(plain.beta.grad, ckpt.beta.grad, atol=1e-5)
+    assert plain.alpha.grad.dtype == torch.float64
+    assert rel_error(ckpt.alpha.grad, plain.alpha.grad) < F64_RTOL
+    assert rel_error(ckpt.beta.grad, plain.beta.grad) < F64_RTOL
 
 
 # ------------------------------------------------------------------------------------------------ the protocol
@@ -190,11 +191,11 @@ def test_factory_and_config():
 
 def test_tiny_search_on_a_cityscapes_folder(tmp_path):
     """The shared engine with this space: synth → prepare → search writes arch.json, arch.png, checkpoints, events."""
+    from dints3d.cityscapes.synthetic import make_cityscapes_task
     from dints3d.data.prepare import prepare
-    from dints3d.data.synthetic import make_cityscapes_task
-    from dints3d.runtime import init_runtime
     from dints3d.search.loop import SearchRun
-    from dints3d.spaces.base import load_architecture
+    from dints3d.spaces.factory import load_architecture
+    from dints3d.utils.runtime import init_runtime
 
     cfg = load_config(None, ["space=autodeeplab", "device=cpu", "autodeeplab.num_layers=3", "autodeeplab.num_blocks=2",
                              "autodeeplab.filter_multiplier=2", "data.patch_size=[24,24]", "data.batch_size=2",

@@ -5,15 +5,15 @@ import json
 import pytest
 
 from dints3d.config import load_config
+from dints3d.cost.budget import sigma_for_budget
+from dints3d.cost.memory import predict_training_memory
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
-from dints3d.errors import DintsError
-from dints3d.memory import predict_training_memory
-from dints3d.runtime import init_runtime
-from dints3d.search.budget import sigma_for_budget
 from dints3d.search.loop import SearchRun
-from dints3d.spaces.base import load_architecture
-from dints3d.spaces.dints import DintsSearchSpace
+from dints3d.spaces.dints.supernet import DintsSearchSpace
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.errors import DintsError
+from dints3d.utils.runtime import init_runtime
 
 PATCH = [32, 32, 32]
 

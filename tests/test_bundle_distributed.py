@@ -12,12 +12,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-from dints3d.bundle_commands import infer, launcher, train
-from dints3d.cli import main
-from dints3d.errors import DintsError
-from dints3d.spaces.base import load_architecture
 from test_bundle_export import make_bundle, parse
+
+from dints3d.bundle.infer import infer
+from dints3d.bundle.runner import launcher
+from dints3d.bundle.train import train
+from dints3d.cli import main
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.errors import DintsError
 
 FAST = ("sw_overlap=0.25",)
 

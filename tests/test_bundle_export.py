@@ -13,18 +13,20 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from dints3d.bundle import export_bundle, template_dir
-from dints3d.bundle_cityscapes import template_dir as cityscapes_template_dir
+from dints3d.bundle.export import TEMPLATE, export_bundle
+from dints3d.bundle.template import template_dir
+from dints3d.cityscapes.bundle import TEMPLATE as CITYSCAPES_TEMPLATE
+from dints3d.cityscapes.synthetic import make_cityscapes_task
 from dints3d.cli import main
 from dints3d.config import config_path, load_config
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
-from dints3d.data.synthetic_cityscapes import make_cityscapes_task
 from dints3d.data.transforms import inference_transforms
-from dints3d.errors import DintsError
-from dints3d.io import read_json
-from dints3d.spaces.base import load_architecture
-from dints3d.spaces.dints import DintsArchitecture, DintsSearchSpace
+from dints3d.spaces.dints.architecture import DintsArchitecture
+from dints3d.spaces.dints.supernet import DintsSearchSpace
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import read_json
 
 #: config overrides for bundles that train in seconds on CPU
 TINY = ["train.channel_mul=0.25", "train.iterations=2", "train.val_interval=1", "train.batch_size=1",
@@ -194,8 +196,8 @@ def cityscapes_bundle(tmp_path_factory) -> Path:
 def test_every_readme_has_well_formed_code_fences(bundle, cityscapes_bundle):
     assert fence_problems("```\npython -m x\n``` With dints3d installed\n```\ny\n```\n")  # the checker bites
     assert fence_problems("text ```\n") and fence_problems("```\nopen\n") and not fence_problems("```yaml\na\n```\n")
-    readmes = [root / folder / "README.md" for root in (bundle, cityscapes_bundle, template_dir(),
-                                                        cityscapes_template_dir()) for folder in ("docs", "models")]
+    readmes = [root / folder / "README.md" for root in (bundle, cityscapes_bundle, template_dir(TEMPLATE),
+                                                        template_dir(CITYSCAPES_TEMPLATE)) for folder in ("docs", "models")]
     for readme in readmes:
         text = readme.read_text()
         assert text.count("```") >= 2 or readme.parent.name == "models"

@@ -13,10 +13,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-from dints3d.cli import main
-from dints3d.infer_checks import check_image, collect_inputs
 from test_bundle_export import make_bundle, parse
+
+from dints3d.bundle.input_checks import check_image, collect_inputs
+from dints3d.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dints3d import bundle_commands
-from dints3d.bundle_commands import override_args, train
-from dints3d.cli import main
-from dints3d.errors import DintsError
-from dints3d.spaces.base import load_architecture
 from test_bundle_export import make_bundle
+
+from dints3d.bundle import train as bundle_commands
+from dints3d.bundle.runner import override_args
+from dints3d.bundle.train import train
+from dints3d.cli import main
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.errors import DintsError
 
 FAST = ("sw_overlap=0.25",)
 
@@ -157,3 +158,17 @@ def test_device_and_resume_reach_the_bundle_run(fresh, monkeypatch, capsys):
     assert modes == ["never", "never", "same_settings", "same_settings"]
     assert runs[0][1]["CUDA_VISIBLE_DEVICES"] == "" and runs[1][1] is None
     assert "running: CUDA_VISIBLE_DEVICES='' python -m monai.bundle run" in capsys.readouterr().out
+
+
+def test_a_bundle_exported_before_the_layout_change_is_refused_with_one_line(fresh, tmp_path, capsys):
+    """Bundles name dints3d's handlers by module path; one exported by a dints3d whose modules were elsewhere
+    (``dints3d.training`` before ``dints3d.bundle.handlers``) is refused before the bundle run, not deep in MONAI's
+    config parser, and the user is told to export again. Its MONAI-only inference is unaffected."""
+    old = tmp_path / "old"
+    shutil.copytree(fresh, old)
+    train_yaml = old / "configs" / "train.yaml"
+    train_yaml.write_text(train_yaml.read_text().replace("dints3d.bundle.handlers.", "dints3d.training."))
+    assert main(["train", str(old)]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"error: {train_yaml}: names dints3d.training.") and "export it again" in err
+    assert not (old / "models" / "model.pt").exists()

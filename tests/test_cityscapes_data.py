@@ -10,21 +10,17 @@ import torch
 from cityscapesscripts.helpers.labels import labels as cs_labels
 from PIL import Image
 
+from dints3d.cityscapes.folder import read_label_ids
+from dints3d.cityscapes.labels import IGNORE_INDEX, class_names, to_label_ids, to_train_ids
+from dints3d.cityscapes.loss import IgnoreIndexCrossEntropy
+from dints3d.cityscapes.synthetic import INSTANCE_CLASSES, make_cityscapes_task
+from dints3d.cityscapes.transforms import train_transforms, validation_transforms
 from dints3d.cli import main
 from dints3d.config import load_config
-from dints3d.data.cityscapes import (
-    IGNORE_INDEX,
-    class_names,
-    read_label_ids,
-    to_label_ids,
-    to_train_ids,
-)
-from dints3d.data.cityscapes_transforms import train_transforms, validation_transforms
 from dints3d.data.datalist import read_datalist
+from dints3d.data.losses import segmentation_loss
 from dints3d.data.prepare import prepare
-from dints3d.data.synthetic_cityscapes import INSTANCE_CLASSES, make_cityscapes_task
-from dints3d.errors import DintsError
-from dints3d.losses import IgnoreIndexCrossEntropy, segmentation_loss
+from dints3d.utils.errors import DintsError
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +137,7 @@ def test_prepare_refuses_bad_plan_overrides_in_one_line_before_reading_images(fo
 
 
 def test_prepare_refuses_a_plan_json_cannot_hold_and_writes_nothing(folder, tmp_path, monkeypatch):
-    import dints3d.data.cityscapes as cityscapes
+    import dints3d.cityscapes.prepare as cityscapes
 
     real = cityscapes.fingerprint
 

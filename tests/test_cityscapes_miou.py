@@ -11,12 +11,13 @@ import torch
 from cityscapesscripts.helpers.labels import labels as cs_labels
 from PIL import Image
 
-from dints3d.cityscapes_eval import evaluate_cityscapes
+from dints3d.cityscapes.evaluate import evaluate_cityscapes
+from dints3d.cityscapes.folder import read_label_ids
+from dints3d.cityscapes.labels import class_names, to_train_ids
+from dints3d.cityscapes.synthetic import make_cityscapes_task
 from dints3d.cli import main
-from dints3d.confusion import ConfusionMatrixMetric, confusion_matrix, iou_per_class, mean_iou
-from dints3d.data.cityscapes import class_names, read_label_ids, to_train_ids
-from dints3d.data.synthetic_cityscapes import make_cityscapes_task
-from dints3d.search.validate_iou import validate_iou
+from dints3d.evaluation.confusion import ConfusionMatrixMetric, confusion_matrix, iou_per_class, mean_iou
+from dints3d.evaluation.validation import validate_iou
 
 EVALUATED = [lab.id for lab in cs_labels if lab.id >= 0 and not lab.ignoreInEval]
 VOID = [lab.id for lab in cs_labels if lab.id >= 0 and lab.ignoreInEval]

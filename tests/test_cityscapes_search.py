@@ -8,9 +8,9 @@ import time
 import pytest
 from PIL import Image
 
+from dints3d.cityscapes.synthetic import make_cityscapes_task
 from dints3d.cli import main
-from dints3d.data.synthetic_cityscapes import make_cityscapes_task
-from dints3d.spaces.base import load_architecture
+from dints3d.spaces.factory import load_architecture
 
 pytestmark = pytest.mark.slow
 

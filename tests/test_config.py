@@ -3,8 +3,8 @@
 import pytest
 
 from dints3d.config import config_from_dict, config_path, config_to_dict, load_config
-from dints3d.errors import DintsError
-from dints3d.io import load_yaml_text
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import load_yaml_text
 
 
 def test_packaged_configs_load_and_round_trip():
@@ -77,7 +77,7 @@ def test_unknown_config_name_is_refused():
 
 def test_bundle_set_values_read_scientific_notation_as_numbers():
     """`dints3d train/infer --set` values are checked as what `monai.bundle run` will receive (fire: 5e-1 is 0.5)."""
-    from dints3d.bundle_commands import parse_set
+    from dints3d.bundle.runner import parse_set
 
     assert parse_set("cache_rate=5e-1") == ("cache_rate", "5e-1", 0.5)
     assert parse_set("num_iterations=10")[2] == 10

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dints3d.demo import Demo, DemoSettings
-from dints3d.errors import DintsError
+from dints3d.utils.errors import DintsError
 
 MINIMAL = DemoSettings(cases=4, test_cases=1, size=24, folds=2, overrides=[
     "search.iterations=2", "search.val_interval=2", "search.checkpoint_interval=2", "data.num_samples=1",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from dints3d.cli import main
-from dints3d.describe import describe
-from dints3d.memory import random_dints_architecture
-from dints3d.spaces.base import load_architecture
+from dints3d.cost.describe import describe
+from dints3d.spaces.dints.architecture import random_dints_architecture
+from dints3d.spaces.factory import load_architecture
 
 
 @pytest.fixture(scope="module")

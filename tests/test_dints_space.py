@@ -1,15 +1,19 @@
-"""The DiNTS search space and architecture against MONAI's own classes."""
+"""The DiNTS search space and architecture against MONAI's own classes (numerical equivalences in float64, where
+they do not depend on the CPU's kernels: conftest.F64_RTOL)."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import F64_RTOL, rel_error
 from monai.networks.nets import DiNTS, TopologySearch
 
-from dints3d.errors import DintsError
-from dints3d.spaces.base import architecture_from_dict, load_architecture
-from dints3d.spaces.dints import DintsArchitecture, DintsSearchSpace
+from dints3d.spaces.dints.architecture import DintsArchitecture
+from dints3d.spaces.dints.supernet import DintsSearchSpace
+from dints3d.spaces.factory import architecture_from_dict, load_architecture
+from dints3d.utils.errors import DintsError
 
 TINY = dict(num_blocks=3, num_depths=3, channel_mul=0.25, use_downsample=True, spatial_dims=3)
 
@@ -24,16 +28,24 @@ def space():
     return s
 
 
-def test_supernet_forward_equals_monai(space):
+@pytest.fixture(scope="module")
+def space64(space):
+    """A float64 copy of ``space`` (same parameter values)."""
+    return copy.deepcopy(space).double()
+
+
+def test_supernet_forward_equals_monai(space64):
     """Our host-sync-free forward computes exactly what MONAI's TopologySearch.forward does."""
     reference = TopologySearch(channel_mul=0.25, num_blocks=3, num_depths=3, use_downsample=True)
-    reference.load_state_dict(space.topology_space.state_dict())
-    monai_net = DiNTS(dints_space=reference, in_channels=2, num_classes=3, use_downsample=True)
-    monai_net.load_state_dict(space.net.state_dict())
-    x = torch.randn(1, 2, 32, 32, 32)
-    space.eval(), monai_net.eval()
+    reference.load_state_dict(space64.topology_space.state_dict())
+    monai_net = DiNTS(dints_space=reference, in_channels=2, num_classes=3, use_downsample=True).double()
+    monai_net.load_state_dict(space64.net.state_dict())
+    x = torch.randn(1, 2, 32, 32, 32, dtype=torch.float64)
+    space64.eval(), monai_net.eval()
     with torch.no_grad():
-        torch.testing.assert_close(space(x), monai_net(x), rtol=1e-5, atol=1e-5)
+        ours, theirs = space64(x), monai_net(x)
+    assert ours.dtype == theirs.dtype == torch.float64
+    assert rel_error(ours, theirs) < F64_RTOL
 
 
 def test_parameter_groups_are_disjoint_and_complete(space):
@@ -44,17 +56,18 @@ def test_parameter_groups_are_disjoint_and_complete(space):
     assert arch == {id(space.log_alpha_a), id(space.log_alpha_c)}
 
 
-def test_checkpointed_cells_give_same_gradients(space):
-    x = torch.randn(1, 2, 32, 32, 32)
-    space.train()
+def test_checkpointed_cells_give_same_gradients(space64):
+    x = torch.randn(1, 2, 32, 32, 32, dtype=torch.float64)
+    space64.train()
     grads = []
     for flag in (False, True):
-        space.topology_space.checkpoint_cells = flag
-        space.zero_grad()
-        space(x).square().mean().backward()
-        grads.append(space.log_alpha_a.grad.clone())
-    space.topology_space.checkpoint_cells = False
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+        space64.topology_space.checkpoint_cells = flag
+        space64.zero_grad()
+        space64(x).square().mean().backward()
+        grads.append(space64.log_alpha_a.grad.clone())
+    space64.topology_space.checkpoint_cells = False
+    assert grads[0].dtype == torch.float64
+    assert rel_error(grads[1], grads[0]) < F64_RTOL
 
 
 def test_regularizers_are_finite_scalars_with_arch_gradients(space):

@@ -50,7 +50,7 @@ RECORDER = textwrap.dedent('''
     real_arch_step = loop.SearchRun.arch_step
     def arch_step(self, *args, **kwargs):
         result = real_arch_step(self, *args, **kwargs)
-        values = torch.cat([p.detach().reshape(-1) for p in self.arch_params]).numpy().tobytes()
+        values = torch.cat([p.detach().reshape(-1) for p in self.architect.arch_params]).numpy().tobytes()
         note(event="arch", iteration=self.state.iteration, digest=hashlib.sha256(values).hexdigest())
         return result
     loop.SearchRun.arch_step = arch_step
@@ -163,10 +163,10 @@ def _collectives_worker(rank, init_file, checkpoint_dir, results):
     import torch
     import torch.distributed as dist
 
-    from dints3d.checkpoint import load_checkpoint
     from dints3d.config import load_config
-    from dints3d.runtime import Runtime
     from dints3d.search import loop
+    from dints3d.utils.checkpoint import load_checkpoint
+    from dints3d.utils.runtime import Runtime
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     rt = Runtime(device=torch.device("cpu"), rank=rank, world_size=2)

@@ -12,9 +12,10 @@ from monai.transforms import Compose, RandGaussianNoised, RandSpatialCropd
 
 from dints3d.config import load_config
 from dints3d.data.stream import PatchStream
-from dints3d.runtime import Runtime
+from dints3d.search.architect import Architect
 from dints3d.search.loop import SearchRun
 from dints3d.spaces.factory import build_search_space
+from dints3d.utils.runtime import Runtime
 
 TINY = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125"]
 
@@ -25,7 +26,7 @@ def _optimizers(world_size: int, scale_lr: bool) -> SearchRun:
     run = SearchRun.__new__(SearchRun)
     run.cfg, run.rt = cfg, Runtime(device=torch.device("cpu"), world_size=world_size)
     run.space = build_search_space(cfg, 1, 2)
-    run._make_optimizers()
+    run.architect = Architect(run.space, None, cfg.search, run.rt)
     return run
 
 
@@ -33,10 +34,10 @@ def _optimizers(world_size: int, scale_lr: bool) -> SearchRun:
 def test_learning_rates_scale_with_the_world_size(world_size, scale_lr, factor):
     run = _optimizers(world_size, scale_lr)
     s = run.cfg.search
-    assert run.base_lr == pytest.approx(s.lr * factor)
-    assert run.opt_w.param_groups[0]["lr"] == pytest.approx(s.lr * factor)
-    assert set(run.opt_arch) == {"alpha", "beta"}
-    for optimizer in run.opt_arch.values():
+    assert run.architect.base_lr == pytest.approx(s.lr * factor)
+    assert run.architect.opt_w.param_groups[0]["lr"] == pytest.approx(s.lr * factor)
+    assert set(run.architect.opt_arch) == {"alpha", "beta"}
+    for optimizer in run.architect.opt_arch.values():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(s.arch_lr * factor)
 
 
@@ -59,15 +60,15 @@ def test_resumed_under_another_world_size_the_learning_rates_are_rescaled(tmp_pa
     """A checkpoint of a 4-process run resumed by 1 process: Adam's saved learning rate (4 × arch_lr) is replaced
     by the one for 1 process (the weights' SGD rate is set every step from the schedule anyway)."""
     four = _optimizers(4, True)
-    saved = {"model": four.space.state_dict(), "opt_w": four.opt_w.state_dict(),
-             "opt_arch": {k: o.state_dict() for k, o in four.opt_arch.items()},
-             "scaler_w": four.scaler_w.state_dict(), "scaler_a": four.scaler_a.state_dict(),
+    saved = {"model": four.space.state_dict(), "opt_w": four.architect.opt_w.state_dict(),
+             "opt_arch": {k: o.state_dict() for k, o in four.architect.opt_arch.items()},
+             "scaler_w": four.architect.scaler_w.state_dict(), "scaler_a": four.architect.scaler_a.state_dict(),
              "loop": {"iteration": 3, "consumed": {"weights": 12, "arch": 0}}}
     one = _optimizers(1, True)
     one._restore(saved, tmp_path / "last.pt")
-    for optimizer in one.opt_arch.values():
+    for optimizer in one.architect.opt_arch.values():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(one.cfg.search.arch_lr)
-    assert one.base_lr == pytest.approx(one.cfg.search.lr)
+    assert one.architect.base_lr == pytest.approx(one.cfg.search.lr)
     assert one.state.iteration == 3 and one.state.consumed == {"weights": 12, "arch": 0}
 
 

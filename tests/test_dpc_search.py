@@ -10,9 +10,9 @@ from monai.bundle import ConfigParser
 
 from dints3d.cli import main
 from dints3d.random_search.trials import read_rows
-from dints3d.spaces.base import load_architecture
-from dints3d.spaces.dpc import DpcArchitecture
-from dints3d.spaces.dpc_net import AutoDeepLabFeatures
+from dints3d.spaces.dpc.architecture import DpcArchitecture
+from dints3d.spaces.dpc.backbones import AutoDeepLabFeatures
+from dints3d.spaces.factory import load_architecture
 
 TINY = [
     "device=cpu", "dpc.backbone=autodeeplab-s", "dpc.backbone_channel_mul=0.2", "dpc.pretrain_iterations=3",
@@ -34,7 +34,7 @@ def work(tmp_path_factory):
 @pytest.fixture
 def backbone_forwards(monkeypatch):
     """Counts forward passes of the backbone's feature extractor and of the whole backbone network."""
-    from dints3d.nets.autodeeplab_net import AutoDeepLabNet
+    from dints3d.spaces.autodeeplab.network import AutoDeepLabNet
 
     counts = {"features": 0, "network": 0}
     for cls, key in ((AutoDeepLabFeatures, "features"), (AutoDeepLabNet, "network")):

@@ -5,22 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import F64_RTOL, rel_error
 
-from dints3d.errors import DintsError
-from dints3d.memory import random_dints_architecture
 from dints3d.random_search.samplers import DpcSampler
-from dints3d.spaces.base import architecture_from_dict, load_architecture
-from dints3d.spaces.dpc import (
-    BACKBONE,
-    CONV_1X1,
-    PYRAMID_POOL,
-    SEP_CONV,
-    Branch,
-    DpcArchitecture,
-    DpcCatalog,
-    DpcOp,
-)
-from dints3d.spaces.dpc_net import DintsFeatures, PyramidPool, SeparableConv
+from dints3d.spaces.dints.architecture import random_dints_architecture
+from dints3d.spaces.dpc.architecture import DpcArchitecture
+from dints3d.spaces.dpc.backbones import DintsFeatures
+from dints3d.spaces.dpc.genotype import BACKBONE, CONV_1X1, PYRAMID_POOL, SEP_CONV, Branch, DpcCatalog, DpcOp
+from dints3d.spaces.dpc.network import PyramidPool, SeparableConv
+from dints3d.spaces.factory import architecture_from_dict, load_architecture
+from dints3d.utils.errors import DintsError
 
 CELL_2D = [
     Branch(BACKBONE, DpcOp(SEP_CONV, (6, 3))),
@@ -99,12 +93,13 @@ def test_3d_head_with_anisotropic_rates():
 def test_dints_features_follow_monai_decoder():
     """Features at depth 0 through DiNTS's last upsampling stem and classifier give DiNTS's own output."""
     backbone = _backbone()
-    net = backbone.build(1, 3, channel_mul=0.25).eval()
+    net = backbone.build(1, 3, channel_mul=0.25).eval().double()  # float64: conftest.F64_RTOL
     features = DintsFeatures(net, 0, backbone.use_downsample)
-    x = torch.randn(2, 1, 32, 32)
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         rebuilt = net.stem_finals(net.stem_up["0"](features(x)))
-        assert torch.allclose(rebuilt, net(x), atol=1e-6)
+        assert rebuilt.dtype == torch.float64
+        assert rel_error(rebuilt, net(x)) < F64_RTOL
         deeper = DintsFeatures(net, 1, True)
         assert deeper(x).shape == (2, deeper.out_channels, 8, 8) and deeper.stride == 4
     assert set(deeper.state_dict()) < set(net.state_dict())  # a sub-network: pre-trained weights load by name
@@ -113,7 +108,7 @@ def test_dints_features_follow_monai_decoder():
 def test_dints_features_branch_on_python_bools_and_keep_the_network_keys(monkeypatch):
     """The node activations are Python bools (a tensor on the GPU would sync with the host at every test), not in the
     state dict, and the network's trained weights (e.g. a bundle's model.pt) still load into the extractor."""
-    from dints3d.spaces.dpc_net import backbone_features
+    from dints3d.spaces.dpc.backbones import backbone_features
 
     backbone = _backbone()
     net = backbone.build(1, 3, channel_mul=0.25).eval()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from dints3d.cli import main
-from dints3d.errors import DintsError
-from dints3d.evaluate import CSV_COLUMNS, case_name, evaluate_folders
+from dints3d.evaluation.metrics import CSV_COLUMNS, case_name, evaluate_folders
+from dints3d.utils.errors import DintsError
 
 SHAPE = (12, 12, 12)
 

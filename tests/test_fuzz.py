@@ -15,9 +15,9 @@ from dints3d.data.fingerprint import PLAN_FIELDS, check_overrides, check_overrid
 from dints3d.data.msd import read_task
 from dints3d.data.prepare import prepare, summary
 from dints3d.data.synthetic import make_msd_task
-from dints3d.errors import DintsError
-from dints3d.spaces.base import architecture_from_dict
-from dints3d.spaces.dints import DintsSearchSpace
+from dints3d.spaces.dints.supernet import DintsSearchSpace
+from dints3d.spaces.factory import architecture_from_dict
+from dints3d.utils.errors import DintsError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from dints3d.io import read_json, write_atomic, write_json
+from dints3d.utils.io import read_json, write_atomic, write_json
 
 
 def test_written_files_follow_the_umask(tmp_path):

@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from dints3d.memory import (
+from dints3d.cost.memory import (
     dice_ce_loss,
     measure_training_memory,
     meta_network,
     parameters_on_meta,
     predict_search_step_memory,
     predict_training_memory,
-    random_dints_architecture,
     step_activation_memory,
 )
-from dints3d.spaces.dints import DintsArchitecture
+from dints3d.spaces.dints.architecture import DintsArchitecture, random_dints_architecture
 
 MUL = 0.25  # tiny scale: 4 blocks × 3 depths at channel_mul 0.25
 
@@ -159,7 +158,7 @@ def test_slow_conv3d_rule_matches_pytorch(shape, kernel, stride):
     """The im2col term follows the convolution kernel PyTorch really picks (checked with the profiler)."""
     from torch.profiler import profile
 
-    from dints3d.cpu_conv import uses_slow_conv3d
+    from dints3d.spaces.dints.cpu_conv import uses_slow_conv3d
 
     x, w = torch.randn(*shape), torch.randn(shape[1], shape[1], *kernel)
     threads = torch.get_num_threads()

@@ -12,11 +12,11 @@ import pytest
 
 from dints3d.cli import main
 from dints3d.data.datalist import read_datalist
-from dints3d.data.fingerprint import ForegroundIntensity, FingerprintBuilder, patch_size, read_plan
+from dints3d.data.fingerprint import FingerprintBuilder, ForegroundIntensity, patch_size, read_plan
 from dints3d.data.msd import load_image, load_label, read_task
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
-from dints3d.errors import DintsError
+from dints3d.utils.errors import DintsError
 
 ROOT = Path(__file__).resolve().parents[1]
 

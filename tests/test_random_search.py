@@ -10,11 +10,11 @@ import torch
 from dints3d.cli import main
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
-from dints3d.errors import DintsError
 from dints3d.random_search.engine import Budget, Evaluation, RandomSearch
 from dints3d.random_search.samplers import AutoDeepLabSampler, DintsSampler, DpcSampler, MemoryLimit
 from dints3d.random_search.trials import read_rows
-from dints3d.spaces.dpc import SEP_CONV, DpcCatalog
+from dints3d.spaces.dpc.genotype import SEP_CONV, DpcCatalog
+from dints3d.utils.errors import DintsError
 
 
 class FakeEvaluator:
@@ -195,7 +195,7 @@ def test_dints_random_search_cli(work, tmp_path):
 
 
 def test_class_scores_from_a_confusion_matrix():
-    from dints3d.confusion import confusion_matrix
+    from dints3d.evaluation.confusion import confusion_matrix
     from dints3d.random_search.train import class_scores
 
     label = torch.tensor([0, 0, 1, 1, 1, 2, 255])
@@ -244,7 +244,7 @@ def _head():
 
 def test_a_trial_trains_on_float16_features_and_skips_non_finite_steps():
     from dints3d.random_search.train import cycling_batches, train_steps
-    from dints3d.runtime import Runtime
+    from dints3d.utils.runtime import Runtime
 
     x, y = _toy_task(torch.float16)  # as cached: float16 features, converted on the device
     batches = cycling_batches(x, y, 4, seed=0)
@@ -266,9 +266,9 @@ def test_a_trial_trains_on_float16_features_and_skips_non_finite_steps():
 def test_trial_loss_scaling_follows_the_amp_policy(monkeypatch):
     """fp16 on CUDA gets a GradScaler, whose own check refuses a non-finite step; CPU (bf16) gets none. Checked
     without a GPU: a policy that asks for scaling on the CPU gives torch's CPU GradScaler."""
-    import dints3d.runtime
+    import dints3d.utils.runtime
     from dints3d.random_search.train import cycling_batches, train_steps
-    from dints3d.runtime import Runtime
+    from dints3d.utils.runtime import Runtime
 
     x, y = _toy_task()
     scalers = []
@@ -283,7 +283,7 @@ def test_trial_loss_scaling_follows_the_amp_policy(monkeypatch):
     train_steps(_head(), cycling_batches(x, y, 4, seed=0), 2, _schedule(amp=True), rt, _ce)
     assert scalers[-1][0] is True and not scalers[-1][1].is_enabled()  # bf16 autocast on CPU: no scaling
 
-    monkeypatch.setattr(dints3d.runtime, "amp_policy", lambda device, enabled: (None, enabled))  # as on CUDA
+    monkeypatch.setattr(dints3d.utils.runtime, "amp_policy", lambda device, enabled: (None, enabled))  # as on CUDA
     head = _head()
     log = train_steps(head, cycling_batches(x, y, 4, seed=0), 6, _schedule(amp=True), rt, _poisoned(_ce, {3}))
     amp, scaler = scalers[-1]

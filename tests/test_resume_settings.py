@@ -1,6 +1,6 @@
 """The one "did the settings change on resume" comparison shared by the search, the random search and training."""
 
-from dints3d.resume_settings import changed_settings, leaves, split_changes
+from dints3d.utils.resume_settings import changed_settings, leaves, split_changes
 
 
 def test_leaves_flatten_nested_mappings_to_dotted_keys():

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from dints3d.checkpoint import load_checkpoint
 from dints3d.cli import main
 from dints3d.config import load_config
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
-from dints3d.errors import DintsError
-from dints3d.runtime import init_runtime
 from dints3d.search.loop import SearchRun
-from dints3d.spaces.base import load_architecture
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.checkpoint import load_checkpoint
+from dints3d.utils.errors import DintsError
+from dints3d.utils.runtime import init_runtime
 
 TINY = [
     "device=cpu",
@@ -129,8 +129,8 @@ def test_resume_may_change_the_documented_settings_with_a_warning(work, tmp_path
         run, path = _run(work, tmp_path / "r", ["search.warmup_fraction=0", "search.lr=0.01",
                                                 "search.arch_lr=0.0005", "search.iterations=4"], resume=True)
     assert path is not None and run.state.iteration == 4
-    assert [o.param_groups[0]["lr"] for o in run.opt_arch.values()] == [0.0005, 0.0005]  # not the saved 0.001
-    assert run.base_lr == 0.01
+    assert [o.param_groups[0]["lr"] for o in run.architect.opt_arch.values()] == [0.0005, 0.0005]  # not the saved 0.001
+    assert run.architect.base_lr == 0.01
 
 
 def test_resume_may_turn_on_checkpointing_as_the_out_of_memory_report_advises(work, tmp_path):
@@ -160,7 +160,7 @@ def test_bf16_autocast_search_step_runs_on_cpu(work, tmp_path):
     convs = [m for m in run.space.modules() if isinstance(m, torch.nn.Conv3d)]
     hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) for m in convs]
     try:
-        assert not run.scaler_w.is_enabled() and not run.scaler_a.is_enabled()  # bf16 needs no loss scaling
+        assert not run.architect.scaler_w.is_enabled() and not run.architect.scaler_a.is_enabled()  # bf16 needs no loss scaling
         assert run.run() is not None and run.state.nonfinite_total == 0
     finally:
         for h in hooks:
@@ -172,7 +172,7 @@ def test_bf16_autocast_search_step_runs_on_cpu(work, tmp_path):
 
 
 def test_amp_policy_fp16_with_grad_scaler_on_cuda_bf16_without_on_cpu():
-    from dints3d.runtime import Runtime, amp_policy
+    from dints3d.utils.runtime import Runtime, amp_policy
 
     assert amp_policy("cuda", True) == (torch.float16, True)
     assert amp_policy("cpu", True) == (torch.bfloat16, False)
@@ -188,13 +188,13 @@ def test_amp_policy_fp16_with_grad_scaler_on_cuda_bf16_without_on_cpu():
 def _inf_from(run, iteration, where="loss"):
     """Make the weight loss (``where="loss"``) or the architecture loss (``"arch"``) +Inf from ``iteration`` on."""
     if where == "loss":
-        real = run.loss_fn
+        real = run.architect.loss_fn
 
         def loss_fn(out, label):
             loss = real(out, label)
             return loss * float("inf") if run.state.iteration >= iteration else loss
 
-        run.loss_fn = loss_fn
+        run.architect.loss_fn = loss_fn
     else:
         real = run.space.regularizers
 
@@ -215,14 +215,14 @@ def test_nonfinite_loss_skips_step_without_touching_parameters(work, tmp_path):
         image[0, 0, 0, 0, 0] = float("nan")
         label = torch.zeros(1, 1, 32, 32, 32)
         before = {k: v.clone() for k, v in run.space.state_dict().items()}
-        momentum = {k: v.clone() for k, v in run.opt_w.state_dict()["state"].items()}
+        momentum = {k: v.clone() for k, v in run.architect.opt_w.state_dict()["state"].items()}
         assert run.weight_step(image, label, lr=0.1) is None
         assert run.arch_step(image, label, ramp=1.0) is None
         assert run.state.nonfinite_total == 2 and run.state.nonfinite_streak == {"weight": 1, "architecture": 1}
         after = run.space.state_dict()
         for k, v in before.items():
             torch.testing.assert_close(after[k], v, rtol=0, atol=0)
-        assert run.opt_w.state_dict()["state"] == momentum
+        assert run.architect.opt_w.state_dict()["state"] == momentum
     finally:
         run.close()
 
@@ -297,7 +297,7 @@ def test_resume_restores_python_numpy_and_torch_generators(work, tmp_path):
     assert numpy_state["state"]["pos"] == saved["rng"]["numpy"]["pos"]
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
 
-    from dints3d.checkpoint import save_checkpoint
+    from dints3d.utils.checkpoint import save_checkpoint
 
     saved["rng"]["numpy"]["key"] = saved["rng"]["numpy"]["key"][:10]
     save_checkpoint(out / "checkpoints" / "last.pt", saved)

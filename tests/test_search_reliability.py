@@ -10,14 +10,14 @@ import textwrap
 import pytest
 import torch
 
-from dints3d.checkpoint import load_checkpoint
 from dints3d.cli import main
 from dints3d.config import load_config
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
-from dints3d.errors import DintsError
-from dints3d.runtime import init_runtime
 from dints3d.search.loop import SearchRun
+from dints3d.utils.checkpoint import load_checkpoint
+from dints3d.utils.errors import DintsError
+from dints3d.utils.runtime import init_runtime
 
 TINY = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125",
         "data.patch_size=[32,32,32]", "data.num_samples=1", "data.max_cases=1", "search.iterations=6",
@@ -186,7 +186,7 @@ def test_a_crash_anywhere_in_a_checkpoint_write_leaves_a_loadable_last_pt(tmp_pa
     new state (never only ``last.prev.pt``), and loading it needs no fallback."""
     import warnings
 
-    from dints3d import checkpoint
+    from dints3d.utils import checkpoint
 
     path = tmp_path / "last.pt"
     checkpoint.save_checkpoint(path, {"n": torch.tensor(1)})
@@ -265,7 +265,7 @@ def test_a_checkpoint_write_fsyncs_the_new_file_once_before_keeping_the_old_one(
     only then is last.pt kept as last.prev.pt (a hard link), then the new file is renamed over last.pt."""
     import stat
 
-    from dints3d import checkpoint
+    from dints3d.utils import checkpoint
 
     path = tmp_path / "last.pt"
     checkpoint.save_checkpoint(path, {"n": torch.tensor(1)})

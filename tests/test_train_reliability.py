@@ -1,6 +1,6 @@
 """Faults during a bundle's training (configs/train.yaml): SIGKILL at three points then exact resume (through
 `python -m monai.bundle run` and `dints3d train [--resume]`), corrupt checkpoints, NaN/Inf batches or losses, and CUDA
-out-of-memory errors (dints3d/training.py)."""
+out-of-memory errors (dints3d/bundle/handlers.py)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
-
-from dints3d import bundle_commands
-from dints3d.bundle_commands import override_args, train
-from dints3d.cli import main
-from dints3d.memory import meta_network, predict_training_memory
-from dints3d.spaces.base import load_architecture
-from dints3d.training import NonFiniteGuard, OutOfMemoryReport, ResumeFromNewest, newest_readable_checkpoint
 from test_bundle_export import make_bundle
+
+from dints3d.bundle import runner
+from dints3d.bundle.handlers import NonFiniteGuard, OutOfMemoryReport, ResumeFromNewest, newest_readable_checkpoint
+from dints3d.bundle.runner import override_args
+from dints3d.bundle.train import train
+from dints3d.cli import main
+from dints3d.cost.memory import meta_network, predict_training_memory
+from dints3d.spaces.factory import load_architecture
 
 #: 3 epochs of 2 iterations: a checkpoint_epoch=N.pt and a validation after each
 RUN = ["num_iterations=6", "val_interval=2", "sw_overlap=0.25"]
@@ -115,7 +116,7 @@ def uninterrupted(template, tmp_path_factory) -> Path:
 def _train_with_fault(monkeypatch, bundle: Path, fault: tuple[str, str, int], log: Path, resume) -> int:
     """`dints3d train` (the parent process: checks, resume mode) whose bundle run gets the KILLER's fault."""
     with monkeypatch.context() as patched:
-        patched.setattr(bundle_commands, "launcher", lambda nproc: [sys.executable, "-c", KILLER, *map(str, fault)])
+        patched.setattr(runner, "launcher", lambda nproc: [sys.executable, "-c", KILLER, *map(str, fault)])
         return train(bundle, sets=RUN, log=log, resume=resume)
 
 
@@ -235,7 +236,7 @@ def test_nonfinite_batch_and_loss_skip_the_step_without_touching_weights(templat
     bundle = _copy(template, tmp_path / "bundle")
     parser = _parser(bundle, max_nonfinite_steps=3)
     snapshots = _poison(parser, bad_batches={2}, bad_losses={3})
-    with caplog.at_level("WARNING", logger="dints3d.training"):
+    with caplog.at_level("WARNING", logger="dints3d.bundle.handlers"):
         parser.get_parsed_content("run")
     assert not _unchanged(snapshots, 1) and not _unchanged(snapshots, 4)
     assert _unchanged(snapshots, 2) and _unchanged(snapshots, 3)

@@ -14,7 +14,7 @@ from dints3d.data.transforms import (
     train_transforms,
     validation_transforms,
 )
-from dints3d.errors import DintsError
+from dints3d.utils.errors import DintsError
 
 
 @pytest.fixture(scope="module")

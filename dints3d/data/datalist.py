@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from dints3d.data.msd import Task
-from dints3d.errors import DintsError
-from dints3d.io import read_json
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import read_json
 
 FORMAT_VERSION = 1
 DATALIST_FILE = "datalist.json"

@@ -9,11 +9,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
 
-from dints3d.data.cityscapes import FORMAT as CITYSCAPES
-from dints3d.data.cityscapes import PLAN_FIELDS as CITYSCAPES_FIELDS
 from dints3d.data.datalist import read_datalist
-from dints3d.data.fingerprint import PLAN_FIELDS, apply_overrides, check_overrides, read_plan
-from dints3d.errors import DintsError
+from dints3d.data.fingerprint import read_plan
+from dints3d.data.formats import plan_format
+from dints3d.utils.errors import DintsError
 
 
 def load_plan(work: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
@@ -24,12 +23,7 @@ def load_plan(work: str | os.PathLike, overrides: Mapping[str, Any] | None = Non
     plan = read_plan(work)
     if not overrides:
         return plan
-    if plan.get("format") == CITYSCAPES:
-        check_overrides(dict(overrides), source, CITYSCAPES_FIELDS, dims=2)
-        plan.update(overrides)
-        return plan
-    check_overrides(dict(overrides), source, PLAN_FIELDS, dims=len(plan["patch_size"]))
-    return apply_overrides(plan, overrides, source, int(plan["in_channels"]), len(plan["labels"]))
+    return plan_format(plan).apply_plan_overrides(plan, overrides, source)
 
 
 def load_items(work: str | os.PathLike, key: str, max_cases: int | None = None) -> list[dict]:

@@ -16,8 +16,8 @@ import numpy as np
 
 from dints3d.config import suggest_key
 from dints3d.data.msd import Case, Task, Volume
-from dints3d.errors import DintsError
-from dints3d.io import read_json
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import read_json
 
 FORMAT_VERSION = 1
 FINGERPRINT_FILE = "fingerprint.json"

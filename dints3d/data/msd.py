@@ -1,6 +1,6 @@
 """Reading and validating an MSD task folder: ``dataset.json`` and every image and label it references.
 
-Every problem becomes a :class:`~dints3d.errors.DintsError` naming the offending file, so ``dints3d prepare`` fails
+Every problem becomes a :class:`~dints3d.utils.errors.DintsError` naming the offending file, so ``dints3d prepare`` fails
 with one clear line instead of a traceback deep inside a training run.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from dints3d.errors import DintsError
-from dints3d.io import read_json
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import read_json
 
 REQUIRED_KEYS = ("name", "modality", "labels", "training")
 #: largest allowed difference between an image's and its label's affine entries (mm)

@@ -1,5 +1,6 @@
 """``dints3d prepare``: validate an MSD task and write ``WORK/fingerprint.json``, ``plan.json``, ``datalist.json``.
-A Cityscapes folder (``leftImg8bit/`` + ``gtFine/``) is recognised and handled by :mod:`dints3d.data.cityscapes`.
+The folder's format is recognised once (:func:`~dints3d.data.formats.folder_format`); a Cityscapes folder
+(``leftImg8bit/`` + ``gtFine/``) is prepared by :mod:`dints3d.cityscapes.prepare`.
 
 Cases are read one at a time (validation and fingerprint in the same pass), so memory stays at about one case.
 The output folder and the config's plan overrides are checked before the first case is read. Nothing is written
@@ -19,19 +20,19 @@ from typing import Mapping
 from tqdm import tqdm
 
 from dints3d.config import Config, config_path, load_config, parse_override
-from dints3d.data.cityscapes import is_cityscapes, prepare_cityscapes
-from dints3d.data.cityscapes import summary as cityscapes_summary
 from dints3d.data.datalist import DATALIST_FILE, check_folds, make_datalist
-from dints3d.data.fingerprint import (FINGERPRINT_FILE, PLAN_FILE, FingerprintBuilder, check_overrides_for_task,
-                                      make_plan)
+from dints3d.data.fingerprint import (
+    FINGERPRINT_FILE,
+    PLAN_FILE,
+    FingerprintBuilder,
+    check_overrides_for_task,
+    make_plan,
+)
+from dints3d.data.formats import folder_format, plan_format
 from dints3d.data.msd import load_image, load_label, read_task
-from dints3d.errors import DintsError
-from dints3d.io import write_texts_together
-
-
-def patch_divisor(cfg: Config) -> int:
-    """2 ** (num_depths + use_downsample): what every patch side must divide by for the DiNTS network."""
-    return 2 ** (cfg.dints.num_depths + int(cfg.dints.use_downsample))
+from dints3d.spaces.dints.topology import patch_divisor
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import write_texts_together
 
 
 def check_output_folder(work: Path) -> None:
@@ -51,7 +52,7 @@ def check_output_folder(work: Path) -> None:
 
 def write_outputs(work: Path, outputs: dict[str, dict]) -> None:
     """Serialize all three files first (a value JSON cannot hold fails here, before any file is touched), then
-    write them as one group: temporary files, then renames (:func:`~dints3d.io.write_texts_together`)."""
+    write them as one group: temporary files, then renames (:func:`~dints3d.utils.io.write_texts_together`)."""
     texts = {}
     for name, file in (("fingerprint", FINGERPRINT_FILE), ("plan", PLAN_FILE), ("datalist", DATALIST_FILE)):
         try:
@@ -61,7 +62,7 @@ def write_outputs(work: Path, outputs: dict[str, dict]) -> None:
     write_texts_together(work, texts)
 
 
-def _one_source(source: str | Mapping[str, str]) -> str:
+def one_source(source: str | Mapping[str, str]) -> str:
     """One name for errors of code that takes a single source (the Cityscapes plan): the config file if any."""
     if isinstance(source, str):
         return source
@@ -78,12 +79,16 @@ def prepare(task_dir: str | os.PathLike, work_dir: str | os.PathLike, folds: int
     cfg = config or Config()
     work = Path(work_dir)
     check_output_folder(work)
-    if is_cityscapes(task_dir):
-        divisor = patch_divisor(cfg) if cfg.space == "dints" else 1  # Auto-DeepLab takes any crop size
-        return prepare_cityscapes(task_dir, work_dir, seed, divisor, cfg.plan, _one_source(config_source), progress)
+    return folder_format(task_dir).prepare(task_dir, work, folds, seed, cfg, config_source, progress)
+
+
+def prepare_msd(task_dir: str | os.PathLike, work: Path, folds: int, seed: int, cfg: Config,
+                config_source: str | Mapping[str, str], progress: bool) -> dict[str, dict]:
+    """:func:`prepare` for an MSD task: patch sides divisible by the configured DiNTS grid's divisor."""
+    divisor = patch_divisor(cfg.dints.num_depths, cfg.dints.use_downsample)
     task = read_task(task_dir)
     check_folds(len(task.training), folds)
-    check_overrides_for_task(cfg.plan, config_source, task.modalities, task.labels, patch_divisor(cfg))
+    check_overrides_for_task(cfg.plan, config_source, task.modalities, task.labels, divisor)
 
     builder = FingerprintBuilder(task, seed)
     cases = task.training + task.test
@@ -94,7 +99,7 @@ def prepare(task_dir: str | os.PathLike, work_dir: str | os.PathLike, folds: int
             if case.label is not None:
                 builder.add(index, case, image, load_label(task.path(case.label), task.labels, image))
     outputs = {"fingerprint": builder.result()}
-    outputs["plan"] = make_plan(outputs["fingerprint"], patch_divisor(cfg), cfg.plan, config_source)
+    outputs["plan"] = make_plan(outputs["fingerprint"], divisor, cfg.plan, config_source)
     outputs["datalist"] = make_datalist(task, folds, seed)
     write_outputs(work, outputs)
     return outputs
@@ -117,9 +122,12 @@ def plan_sources(plan: Mapping, config_file: str | None, overrides: list[str]) -
 
 def summary(outputs: dict[str, dict], work_dir: str | os.PathLike) -> str:
     """A few human-readable lines about what ``prepare`` decided."""
+    return plan_format(outputs["plan"]).summary(outputs, work_dir)
+
+
+def msd_summary(outputs: dict[str, dict], work_dir: str | os.PathLike) -> str:
+    """:func:`summary` for an MSD task."""
     plan, datalist = outputs["plan"], outputs["datalist"]
-    if plan.get("format") == "cityscapes":
-        return cityscapes_summary(outputs, work_dir)
     times = " × ".join
 
     def norm(n: dict) -> str:

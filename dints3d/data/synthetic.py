@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from dints3d.errors import DintsError
-from dints3d.io import write_json
+from dints3d.data.formats import DEFAULT_FORMAT, FORMATS, format_named
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import write_json
 
 MRI_NAMES = ("T2", "ADC", "T1", "FLAIR", "T1Gd", "DWI")
 CT_LIMITS = (-1024, 3071)
@@ -239,21 +239,10 @@ def make_msd_task(out: str | Path, cases: int = 8, test_cases: int = 2, classes:
     return out
 
 
-def make_cityscapes_task(out: str | Path, **options) -> Path:
-    """A Cityscapes-format folder (:mod:`dints3d.data.synthetic_cityscapes`)."""
-    from dints3d.data.synthetic_cityscapes import make_cityscapes_task as write
-
-    return write(out, **options)
-
-
-#: --format → writer; each takes ``out``, ``cases``, ``test_cases``, ``seed`` and those other options of
-#: :func:`make_msd_task` that apply to it (options left unset on the command line are not passed)
-FORMATS: dict[str, Callable[..., Path]] = {"msd": make_msd_task, "cityscapes": make_cityscapes_task}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="task folder to create (must not exist or be empty)")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="msd", help="folder layout (default: msd)")
+    parser.add_argument("--format", choices=sorted(FORMATS), default=DEFAULT_FORMAT,
+                        help=f"folder layout (default: {DEFAULT_FORMAT})")
     parser.add_argument("--cases", type=int, default=8,
                         help="labelled cases (default: 8); cityscapes splits them 3:1 into train and val")
     parser.add_argument("--test-cases", type=int, default=2, help="test cases without labels (default: 2)")
@@ -269,7 +258,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("classes", args.classes), ("modalities", args.modalities), ("size", args.size),
                                  ("anisotropic", args.anisotropic or None)) if v is not None}
-    out = FORMATS[args.format](args.out, cases=args.cases, test_cases=args.test_cases, seed=args.seed, **options)
-    kind = "labelled (train + val)" if args.format == "cityscapes" else "training"
-    print(f"wrote {args.cases} {kind} and {args.test_cases} test cases to {out}")
+    # each format's writer takes out, cases, test_cases, seed and those other options that apply to it
+    fmt = format_named(args.format)
+    out = fmt.stage("synthesize")(args.out, cases=args.cases, test_cases=args.test_cases, seed=args.seed, **options)
+    print(f"wrote {args.cases} {fmt.labelled_cases} and {args.test_cases} test cases to {out}")
     return 0

@@ -3,7 +3,8 @@
 Deterministic steps (load → channel first → orientation → spacing → normalization) come first so that
 ``CacheDataset``/``PersistentDataset`` cache their result; random steps (patch sampling, augmentation) follow.
 Inference keeps the metadata ``Invertd`` needs to map predictions back to the input's grid.
-A Cityscapes plan (``"format": "cityscapes"``) gets the 2D chains of :mod:`dints3d.data.cityscapes_transforms`.
+:func:`train_transforms`, :func:`validation_transforms` and :func:`inference_transforms` give the chains of the plan's
+format (:mod:`dints3d.data.formats`); the ``msd_*`` functions are MSD's (Cityscapes': :mod:`dints3d.cityscapes.transforms`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from dints3d.errors import DintsError
+from dints3d.data.formats import plan_format
+from dints3d.utils.errors import DintsError
 
 
 def normalization_transform(plan: Mapping, key: str = "image") -> MapTransform:
@@ -73,7 +75,24 @@ def _preprocessing(plan: Mapping, keys: Sequence[str], device: torch.device | No
     return steps
 
 
-def train_transforms(
+def train_transforms(plan: Mapping, patch_size: Sequence[int], num_samples: int = 1, augment: bool = True,
+                     device: torch.device | None = None) -> Compose:
+    """The training chain of the plan's format: ``num_samples`` dicts with ``image`` ``C×patch`` float32 and
+    ``label`` ``1×patch``. ``device`` caches the preprocessed case there (GPU)."""
+    return plan_format(plan).train_transforms(plan, patch_size, num_samples, augment, device)
+
+
+def validation_transforms(plan: Mapping, device: torch.device | None = None) -> Compose:
+    """Whole preprocessed cases with labels (the plan's format): ``image`` C×spatial, ``label`` 1×spatial."""
+    return plan_format(plan).validation_transforms(plan, device)
+
+
+def inference_transforms(plan: Mapping) -> Compose:
+    """Image only, with the metadata needed to map predictions back to the input's grid (the plan's format)."""
+    return plan_format(plan).inference_transforms(plan)
+
+
+def msd_train_transforms(
     plan: Mapping,
     patch_size: Sequence[int],
     num_samples: int = 1,
@@ -83,11 +102,6 @@ def train_transforms(
     """Training chain: cached preprocessing, then class-balanced random patches of ``patch_size`` (equal ratios
     over all classes, as the DiNTS recipe) and augmentation. Output: ``num_samples`` dicts with ``image``
     ``C×patch`` float32 and ``label`` ``1×patch``. ``device`` caches the preprocessed volume there (GPU)."""
-    if plan.get("format") == "cityscapes":
-        from dints3d.data import cityscapes_transforms
-
-        return cityscapes_transforms.train_transforms(patch_size, num_samples, augment, float(plan["image_scale"]),
-                                                      device)
     keys = ["image", "label"]
     num_classes = int(plan["out_channels"])
     steps = _preprocessing(plan, keys, device)
@@ -118,19 +132,11 @@ def train_transforms(
     return Compose(steps)
 
 
-def validation_transforms(plan: Mapping, device: torch.device | None = None) -> Compose:
+def msd_validation_transforms(plan: Mapping, device: torch.device | None = None) -> Compose:
     """Whole preprocessed volumes with labels: ``image`` C×spatial, ``label`` 1×spatial."""
-    if plan.get("format") == "cityscapes":
-        from dints3d.data import cityscapes_transforms
-
-        return cityscapes_transforms.validation_transforms(float(plan["image_scale"]), device)
     return Compose(_preprocessing(plan, ["image", "label"], device))
 
 
-def inference_transforms(plan: Mapping) -> Compose:
+def msd_inference_transforms(plan: Mapping) -> Compose:
     """Image only, metadata kept for ``Invertd`` (orientation and spacing are undone on the prediction)."""
-    if plan.get("format") == "cityscapes":
-        from dints3d.data import cityscapes_transforms
-
-        return cityscapes_transforms.inference_transforms(float(plan["image_scale"]))
     return Compose(_preprocessing(plan, ["image"]))

@@ -23,11 +23,12 @@ import torch
 from tqdm import tqdm
 
 from dints3d import __version__
-from dints3d.errors import DintsError
-from dints3d.io import read_json, write_atomic, write_json, write_text
 from dints3d.random_search.trials import TrialRow, append_row, ranked, read_rows, top_k_table, trials_figure
-from dints3d.resume_settings import changed_settings
 from dints3d.spaces.base import Architecture
+from dints3d.utils.errors import DintsError
+from dints3d.utils.figures import save_figure
+from dints3d.utils.io import read_json, write_atomic, write_json, write_text
+from dints3d.utils.resume_settings import changed_settings
 
 TRIALS_FILE, TOPK_FILE, SETTINGS_FILE = "trials.csv", "topk.csv", "random_search.json"
 #: re-draws of a sample whose key was already tried before accepting a repeat (tiny spaces)
@@ -36,20 +37,16 @@ MAX_REDRAWS = 20
 
 class Sampler(Protocol):
     """A space random search can sample: uniformly, or near a given architecture."""
-
     name: str
 
     def settings(self) -> dict:
         """What defines the sampled space (a resumed search must have the same)."""
-
     def uniform(self, rng: np.random.Generator) -> Architecture: ...
 
     def perturb(self, arch: Architecture, rng: np.random.Generator) -> Architecture:
         """A small change of ``arch`` (a different architecture)."""
-
     def key(self, arch: Architecture) -> str:
         """Short canonical text identifying the architecture (repeats are re-drawn)."""
-
     def from_dict(self, data: dict) -> Architecture: ...
 
 
@@ -57,7 +54,6 @@ class Sampler(Protocol):
 class Evaluation:
     """A trial's result: the score ranked on (higher is better), other scalars, and optionally the trained weights
     (kept for the top-k so the winner's can be exported)."""
-
     score: float
     metrics: dict
     state: dict | None = None
@@ -91,7 +87,6 @@ class RandomSearch:
             the backbone's weights to a DPC head's).
         resume: continue the search already in ``out``.
     """
-
     def __init__(self, out: str | Path, sampler: Sampler, evaluate: Evaluator, budget: Budget,
                  settings: dict | None = None, finalize: Callable[[Architecture], Architecture] | None = None,
                  finalize_state: Callable[[dict], dict] | None = None, resume: bool = False):
@@ -191,8 +186,6 @@ class RandomSearch:
     def write_results(self, rows: list[TrialRow], top: list[TrialRow]) -> Path:
         """``arch.json`` (+ ``arch.png``), ``model.pt`` when the winner's weights were kept, ``trials.png``,
         ``topk.md`` and ``summary.json``."""
-        from dints3d.viz import save_figure
-
         winner = ranked(top)[0] if top else ranked(rows)[0]
         short = next(r.score for r in rows if r.trial == winner.trial)
         arch = self.finalize(self.sampler.from_dict(winner.arch))

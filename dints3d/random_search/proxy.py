@@ -21,20 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Compose, RandCropByLabelClassesd, RandSpatialCropSamplesd, SpatialPadd
 from monai.utils import convert_to_tensor
 from tqdm import tqdm
 
 from dints3d.config import Config
 from dints3d.data.dataset import load_items
+from dints3d.data.formats import plan_format
+from dints3d.data.losses import segmentation_loss
 from dints3d.data.transforms import validation_transforms
-from dints3d.errors import DintsError
-from dints3d.io import read_json, write_atomic, write_json
-from dints3d.losses import segmentation_loss
 from dints3d.random_search.engine import load_state
 from dints3d.random_search.train import Schedule, cycling_batches, train_steps
-from dints3d.runtime import Runtime, seed_everything
 from dints3d.spaces.base import Architecture
+from dints3d.spaces.dpc.backbones import backbone_features
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import read_json, write_atomic, write_json
+from dints3d.utils.runtime import Runtime, seed_everything
 
 FEATURES_FILE, BACKBONE_FILE, META_FILE = "features.pt", "backbone.pt", "meta.json"
 
@@ -42,7 +43,6 @@ FEATURES_FILE, BACKBONE_FILE, META_FILE = "features.pt", "backbone.pt", "meta.js
 @dataclass
 class ProxyFeatures:
     """Cached proxy data. ``*_x``: ``N C [patch / stride]`` float16 features; ``*_y``: ``N 1 [patch]`` uint8."""
-
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
@@ -63,22 +63,7 @@ def proxy_patches(plan: dict, items: list[dict], patch: list[int], count: int,
                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` crops spread evenly over ``items``: images ``N C [patch]`` float32 and labels ``N 1 [patch]``
     uint8. For MSD volumes a 2-element ``patch`` gives axial slices ``h × w``."""
-    keys = ["image", "label"]
-    if plan.get("format") == "cityscapes":
-        crop = list(patch)
-        pick = Compose([
-            SpatialPadd(keys="image", spatial_size=crop, value=0.0),
-            SpatialPadd(keys="label", spatial_size=crop, value=int(plan.get("ignore_index", 255))),
-            RandSpatialCropSamplesd(keys=keys, roi_size=crop, num_samples=1, random_size=False),
-        ])
-    else:
-        crop = list(patch) if len(patch) == 3 else [*patch, 1]
-        classes = int(plan["out_channels"])
-        pick = Compose([
-            SpatialPadd(keys=keys, spatial_size=crop),
-            RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=crop, num_classes=classes,
-                                    ratios=[1] * classes, num_samples=1, warn=False),
-        ])
+    pick, crop = plan_format(plan).proxy_crop(plan, patch)
     preprocess = validation_transforms(plan)
     per_case = [count // len(items) + (i < count % len(items)) for i in range(len(items))]
     images, labels = [], []
@@ -145,8 +130,6 @@ def cached_features(cfg: Config, work: str | os.PathLike, backbone: Architecture
                     cache_dir: str | os.PathLike, runtime: Runtime) -> ProxyFeatures:
     """Load the proxy features from ``cache_dir`` or compute and store them (``meta.json`` last: a folder
     without it is incomplete and recomputed)."""
-    from dints3d.spaces.dpc_net import backbone_features
-
     identity = cache_identity(cfg, work, backbone, plan, patch)
     key = cache_key(identity)
     folder = Path(cache_dir) / key

@@ -15,34 +15,27 @@ from pathlib import Path
 import torch
 
 from dints3d.config import Config, config_path, config_to_dict, load_config
+from dints3d.cost.budget import GB
+from dints3d.cost.memory import meta_search_space, predict_training_memory
 from dints3d.data.dataset import load_plan
-from dints3d.errors import DintsError
-from dints3d.io import write_yaml
+from dints3d.data.patch import resolve_patch
 from dints3d.random_search.engine import RandomSearch, budget_from_config, load_state
-from dints3d.random_search.train import Schedule
-from dints3d.runtime import Runtime, init_runtime
-from dints3d.spaces.base import load_architecture
+from dints3d.random_search.proxy import cached_features
+from dints3d.random_search.samplers import AutoDeepLabSampler, DintsSampler, DpcSampler, MemoryLimit
+from dints3d.random_search.train import HeadEvaluator, NetworkEvaluator, Schedule
+from dints3d.spaces.dints.topology import patch_divisor
+from dints3d.spaces.dpc.backbones import backbone_features, backbone_patch_divisor
+from dints3d.spaces.dpc.genotype import DpcCatalog
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import write_yaml
+from dints3d.utils.runtime import Runtime, init_runtime
 
 SPACES = ("dints", "autodeeplab", "dpc")
 
 
-def _patch(cfg: Config, plan: dict, dims: int, divisor: int, what: str) -> list[int]:
-    """The config's patch (else the plan's, when it has ``dims`` sides): each a positive multiple of ``divisor``."""
-    patch = cfg.data.patch_size or (plan["patch_size"] if len(plan["patch_size"]) == dims else None)
-    if patch is None or len(patch) != dims or any(p <= 0 or p % divisor for p in patch):
-        raise DintsError("data.patch_size", f"{patch} must be {dims} sides, each a positive multiple of {divisor} "
-                         f"(what the {what} needs)")
-    return [int(p) for p in patch]
-
-
 def dpc_search(cfg: Config, work: str | Path, out: str | Path, runtime: Runtime, resume: bool = False):
     """A DPC random search on ``cfg.dpc.backbone``'s cached features; returns ``(RandomSearch, ProxyFeatures)``."""
-    from dints3d.random_search.proxy import cached_features
-    from dints3d.random_search.samplers import DpcSampler
-    from dints3d.random_search.train import HeadEvaluator
-    from dints3d.spaces.dpc import DpcCatalog
-    from dints3d.spaces.dpc_net import backbone_features, backbone_patch_divisor
-
     out, dpc = Path(out), cfg.dpc
     plan = load_plan(work, cfg.plan)
     backbone = load_architecture(dpc.backbone)
@@ -50,7 +43,8 @@ def dpc_search(cfg: Config, work: str | Path, out: str | Path, runtime: Runtime,
         raise DintsError("dpc.backbone", f"{dpc.backbone} is a '{backbone.space}' architecture; DPC runs on DiNTS "
                          "or Auto-DeepLab backbones")
     dims = backbone.spatial_dims
-    patch = _patch(cfg, plan, dims, backbone_patch_divisor(backbone), "backbone")
+    patch = resolve_patch(plan, backbone_patch_divisor(backbone), "the backbone", ("data.patch_size", cfg.data.patch_size),
+                          dims=dims)
     if (out / "random_search.json").exists() and not resume:  # refuse before the (long) feature computation
         raise DintsError(out, "already holds a random search; pass --resume to continue it or choose another --out")
     features = cached_features(cfg, work, backbone, plan, patch, dpc.cache_dir or out / "feature_cache", runtime)
@@ -83,10 +77,6 @@ def dpc_search(cfg: Config, work: str | Path, out: str | Path, runtime: Runtime,
 def memory_limit(cfg: Config, space: str, in_channels: int, classes: int, patch: list[int], device: str):
     """The search's memory budget for sampled networks: predicted training memory ≤ ``search.memory_budget_gb``
     if set; else, for DiNTS, the memory ratio M/M_full ≤ σ = ``search.ram_cost_factor``; else none."""
-    from dints3d.memory import meta_search_space, predict_training_memory
-    from dints3d.random_search.samplers import MemoryLimit
-    from dints3d.search.budget import GB
-
     d, s, t = cfg.dints, cfg.search, cfg.train
     if s.memory_budget_gb is not None:
         def gigabytes(arch) -> float:
@@ -111,16 +101,14 @@ def network_random_search(cfg: Config, work: str | Path, out: str | Path, runtim
                           resume: bool = False) -> RandomSearch:
     """Random discrete DiNTS or Auto-DeepLab networks of the search's shape (``dints:`` / ``autodeeplab:``) and
     memory budget, short-trained as whole networks and ranked."""
-    from dints3d.random_search.samplers import AutoDeepLabSampler, DintsSampler
-    from dints3d.random_search.train import NetworkEvaluator
-    from dints3d.spaces.dints import patch_divisor
-
     d, a = cfg.dints, cfg.autodeeplab
     plan = load_plan(work, cfg.plan)
     if space == "dints":
-        patch = _patch(cfg, plan, d.spatial_dims, patch_divisor(d.num_depths, d.use_downsample), "DiNTS grid")
+        patch = resolve_patch(plan, patch_divisor(d.num_depths, d.use_downsample), "the DiNTS grid",
+                              ("data.patch_size", cfg.data.patch_size), dims=d.spatial_dims)
     else:
-        patch = _patch(cfg, plan, a.spatial_dims, 1, "Auto-DeepLab network")
+        patch = resolve_patch(plan, 1, "the Auto-DeepLab network", ("data.patch_size", cfg.data.patch_size),
+                              dims=a.spatial_dims)
     in_channels, classes = int(plan["in_channels"]), int(plan["out_channels"])
     limit = memory_limit(cfg, space, in_channels, classes, patch, runtime.device.type)
     if space == "dints":

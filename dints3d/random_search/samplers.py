@@ -12,9 +12,15 @@ from typing import Callable
 
 import numpy as np
 
-from dints3d.errors import DintsError
-from dints3d.spaces.base import architecture_from_dict
-from dints3d.spaces.dpc import BACKBONE, CONV_1X1, OP_KINDS, Branch, DpcArchitecture, DpcCatalog, DpcOp
+from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
+from dints3d.spaces.autodeeplab.operations import CELL_OPERATIONS
+from dints3d.spaces.dints.architecture import DintsArchitecture, random_dints_architecture
+from dints3d.spaces.dints.operations import operation_names
+from dints3d.spaces.dints.topology import DintsTopology
+from dints3d.spaces.dpc.architecture import DpcArchitecture
+from dints3d.spaces.dpc.genotype import BACKBONE, CONV_1X1, OP_KINDS, Branch, DpcCatalog, DpcOp
+from dints3d.spaces.factory import architecture_from_dict
+from dints3d.utils.errors import DintsError
 
 #: uniform draws (or perturbations) tried before a memory budget is declared unreachable
 MAX_ATTEMPTS = 1000
@@ -26,7 +32,6 @@ class DpcSampler:
 
     A perturbation changes one branch: its input (⅓), a neighbouring rate or grid size on one axis (⅓, when the
     operation has one), or a new random operation."""
-
     name = "dpc"
 
     def __init__(self, catalog: DpcCatalog, num_branches: int, channels: int):
@@ -91,7 +96,6 @@ class DpcSampler:
 @dataclass
 class MemoryLimit:
     """An architecture is admitted when ``measure(arch) ≤ limit``; ``what`` names the quantity for messages."""
-
     measure: Callable
     limit: float
     what: str
@@ -101,7 +105,6 @@ class NetworkSampler:
     """Shared by the whole-network samplers: uniform draws and perturbations are redrawn until the memory limit
     holds. Subclasses provide ``name``, ``what`` (for messages), ``_shape()`` (their settings), ``_draw(rng)``,
     ``_changed(arch, rng)`` (one small change, or None when it is not valid) and ``key(arch)``."""
-
     name: str
     what: str
 
@@ -146,18 +149,14 @@ class NetworkSampler:
 class DintsSampler(NetworkSampler):
     """Connected discrete DiNTS architectures (``num_blocks`` × ``num_depths``) within a memory limit.
 
-    Uniform: :func:`~dints3d.memory.random_dints_architecture` with each active node keeping each outgoing path
+    Uniform: :func:`~dints3d.cost.memory.random_dints_architecture` with each active node keeping each outgoing path
     with a probability drawn per architecture from U(0.25, 1) (one fixed probability would concentrate every sample
     at one size), operations uniform. Perturbation: one of — another operation on an active path; a new path
     between nodes already active on both sides; dropping a path whose nodes stay connected."""
-
     name, what = "dints", "DiNTS architecture"
 
     def __init__(self, num_blocks: int, num_depths: int, spatial_dims: int, use_downsample: bool,
                  limit: MemoryLimit | None = None):
-        from dints3d.spaces.dints import operation_names
-        from dints3d.spaces.dints_topology import DintsTopology
-
         super().__init__(limit)
         self.num_blocks, self.num_depths, self.spatial_dims = num_blocks, num_depths, spatial_dims
         self.use_downsample = use_downsample
@@ -170,16 +169,12 @@ class DintsSampler(NetworkSampler):
                 "use_downsample": self.use_downsample}
 
     def _draw(self, rng: np.random.Generator):
-        from dints3d.memory import random_dints_architecture
-
         arch = random_dints_architecture(self.num_blocks, self.num_depths, rng, self.spatial_dims,
                                          keep=rng.uniform(0.25, 1.0))
         arch.use_downsample, arch.provenance = self.use_downsample, {}
         return arch
 
     def _changed(self, arch, rng: np.random.Generator):
-        from dints3d.spaces.dints import DintsArchitecture
-
         a, c = arch.arch_code_a.copy(), arch.arch_code_c.copy()
         layer = int(rng.integers(self.num_blocks))
         active = np.flatnonzero(a[layer])
@@ -220,13 +215,10 @@ class AutoDeepLabSampler(NetworkSampler):
     probability among the moves the trellis allows; each block reads two inputs uniform over ``H^{l-2}``,
     ``H^{l-1}`` and the earlier blocks, through operations uniform over the non-zero ones. Perturbation: one layer's
     level (kept only if the path stays valid), or one block input's source or operation."""
-
     name, what = "autodeeplab", "Auto-DeepLab network"
 
     def __init__(self, num_layers: int, num_blocks: int, filter_multiplier: int, spatial_dims: int,
                  limit: MemoryLimit | None = None, num_levels: int = 4):
-        from dints3d.spaces.autodeeplab_ops import CELL_OPERATIONS
-
         super().__init__(limit)
         self.num_layers, self.num_blocks, self.num_levels = num_layers, num_blocks, num_levels
         self.filter_multiplier, self.spatial_dims = filter_multiplier, spatial_dims
@@ -237,8 +229,6 @@ class AutoDeepLabSampler(NetworkSampler):
                 "filter_multiplier": self.filter_multiplier, "spatial_dims": self.spatial_dims}
 
     def _arch(self, path: list[int], cell: list[tuple[int, str]]):
-        from dints3d.spaces.autodeeplab import AutoDeepLabArchitecture
-
         return AutoDeepLabArchitecture(network_path=path, cell=cell, filter_multiplier=self.filter_multiplier,
                                        num_levels=self.num_levels, spatial_dims=self.spatial_dims)
 

@@ -7,7 +7,7 @@
 - :class:`HeadEvaluator`: a DPC head trained on cached backbone features and scored on the cached validation patches
   by the same metric, counted over all of them at once.
 
-The loss is the task's (:func:`dints3d.losses.segmentation_loss`: DiceCE, or cross-entropy ignoring 255).
+The loss is the task's (:func:`dints3d.data.losses.segmentation_loss`: DiceCE, or cross-entropy ignoring 255).
 """
 
 from __future__ import annotations
@@ -21,17 +21,20 @@ import torch
 import torch.nn.functional as F
 
 from dints3d.config import Config
-from dints3d.confusion import confusion_matrix, iou_per_class, mean_iou
-from dints3d.losses import segmentation_loss
+from dints3d.data.dataset import load_items, make_dataset
+from dints3d.data.losses import segmentation_loss
+from dints3d.data.stream import PatchStream, stream_loader
+from dints3d.data.transforms import train_transforms, validation_transforms
+from dints3d.evaluation.confusion import confusion_matrix, iou_per_class, mean_iou
+from dints3d.evaluation.validation import validate_scores, validation_metric
 from dints3d.random_search.engine import Evaluation
-from dints3d.runtime import Runtime, seed_everything
 from dints3d.search.schedule import weight_lr_factor
+from dints3d.utils.runtime import Runtime, seed_everything
 
 
 @dataclass(frozen=True)
 class Schedule:
     """Optimizer settings of a short run (from ``cfg.train``)."""
-
     lr: float
     momentum: float
     weight_decay: float
@@ -49,7 +52,7 @@ def train_steps(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, to
     """``iterations`` SGD steps of ``loss_fn(model(image), label)`` over ``batches`` (``B C [spatial]`` images of any
     float dtype, e.g. cached float16 features, converted to float32 on the device; ``B 1 [spatial]`` labels; logits
     smaller than the label are resized to it). The loss is scaled by ``runtime.grad_scaler(schedule.amp)`` (enabled
-    for fp16 autocast on CUDA, see :func:`dints3d.runtime.amp_policy`). Returns the mean loss of the finite steps in
+    for fp16 autocast on CUDA, see :func:`dints3d.utils.runtime.amp_policy`). Returns the mean loss of the finite steps in
     the last tenth and the number of skipped non-finite steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
@@ -101,9 +104,9 @@ def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:
 
 def class_scores(matrix: torch.Tensor, metric: str) -> dict:
     """Per-class IoU (every class) and Dice (foreground classes; NaN where absent from the truth) from a
-    ``C × (C + 1)`` confusion matrix (:func:`dints3d.confusion.confusion_matrix`), their means over the defined
+    ``C × (C + 1)`` confusion matrix (:func:`dints3d.evaluation.confusion.confusion_matrix`), their means over the defined
     values, and ``score``: the mean of ``metric`` (``"dice"`` or ``"iou"``, see
-    :func:`dints3d.search.validate_iou.validation_metric`)."""
+    :func:`dints3d.evaluation.validation.validation_metric`)."""
     m = matrix.double()
     tp, gt, pred = m.diagonal(), m.sum(1), m[:, : m.shape[0]].sum(0)
     dice = torch.where(gt > 0, 2 * tp / (gt + pred).clamp_min(1), torch.nan)[1:].tolist()
@@ -158,10 +161,7 @@ class HeadEvaluator:
     """Trains a DPC head on cached features (``features.train_x``, ``B C [feature spatial]``, float16) against the
     patches' labels and scores it on the cached validation features. The state returned is the head's. On a CUDA
     device the features are moved to it once (or pinned) by :func:`place_features`."""
-
     def __init__(self, features, plan: dict, schedule: Schedule, batch_size: int, runtime: Runtime):
-        from dints3d.search.validate_iou import validation_metric
-
         place_features(features, runtime.device)
         self.features, self.num_classes = features, int(plan["out_channels"])
         self.loss_fn, self.metric = segmentation_loss(plan), validation_metric(plan)[0]
@@ -194,11 +194,7 @@ class HeadEvaluator:
 class NetworkEvaluator:
     """Trains a whole discrete network (``arch.build(..., channel_mul=train.channel_mul)``) on patches of the fold's
     training cases (both search halves) and scores it as the search validates (sliding windows; Dice or IoU)."""
-
     def __init__(self, cfg: Config, work, runtime: Runtime, plan: dict, patch: list[int]):
-        from dints3d.data.dataset import load_items, make_dataset
-        from dints3d.data.transforms import train_transforms, validation_transforms
-
         self.cfg, self.rt, self.plan, self.patch = cfg, runtime, plan, patch
         d = cfg.data
         items = load_items(work, f"fold{d.fold}_train", d.max_cases)
@@ -209,16 +205,12 @@ class NetworkEvaluator:
         self.schedule, self.loss_fn = Schedule.from_config(cfg), segmentation_loss(plan)
 
     def _batches(self, seed: int, iterations: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from dints3d.data.stream import PatchStream, stream_loader
-
         d = self.cfg.data
         stream = PatchStream(self.train_data, seed, 0, iterations * d.batch_size)
         for batch in stream_loader(stream, d.batch_size, d.num_workers):
             yield batch["image"], batch["label"]
 
     def __call__(self, arch, iterations: int, seed: int) -> Evaluation:
-        from dints3d.search.validate_iou import validate_scores
-
         seed_everything(seed)
         in_channels, classes = int(self.plan["in_channels"]), int(self.plan["out_channels"])
         net = arch.build(in_channels, classes, channel_mul=self.cfg.train.channel_mul).to(self.rt.device)

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dints3d.errors import DintsError
+from dints3d.utils.errors import DintsError
+from dints3d.utils.figures import new_figure
 
 FIELDS = ("trial", "kind", "parent", "score", "seconds", "key", "metrics", "arch")
 
@@ -101,9 +102,7 @@ def top_k_table(trials: list[TrialRow], top: list[TrialRow], k: int) -> str:
 
 def trials_figure(trials: list[TrialRow], top: list[TrialRow], title: str):
     """Score vs trial (uniform and perturbation samples), the running best, and the long-schedule re-evaluations."""
-    from dints3d.viz import plt
-
-    fig, ax = plt.subplots(figsize=(7.0, 3.8), dpi=110)
+    fig, ax = new_figure((7.0, 3.8))
     for kind, color in (("uniform", "#1f77b4"), ("perturb", "#ff7f0e")):
         pts = [(r.trial, r.score) for r in trials if r.kind == kind]
         if pts:

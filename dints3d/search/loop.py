@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -20,68 +19,34 @@ import torch
 from tqdm import tqdm
 
 from dints3d import __version__
-from dints3d.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from dints3d.config import Config, config_from_dict, config_to_dict
+from dints3d.config import Config, config_to_dict
+from dints3d.cost.budget import sigma_for_budget
+from dints3d.cost.memory import predict_search_step_memory
 from dints3d.data.dataset import load_items, load_plan, make_dataset
+from dints3d.data.losses import segmentation_loss
+from dints3d.data.patch import resolve_patch
 from dints3d.data.stream import PatchStream, stream_loader
 from dints3d.data.transforms import train_transforms, validation_transforms
-from dints3d.errors import DintsError
-from dints3d.io import write_json, write_yaml
-from dints3d.losses import segmentation_loss
-from dints3d.preflight import (
+from dints3d.evaluation.validation import validate_scores, validation_metric
+from dints3d.search.architect import Architect
+from dints3d.search.resume import LoopState, check_resumable_config, loop_state, restore_rng
+from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
+from dints3d.spaces.factory import build_search_space
+from dints3d.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from dints3d.utils.errors import DintsError
+from dints3d.utils.figures import save_figure
+from dints3d.utils.io import write_json, write_yaml
+from dints3d.utils.preflight import (
     check_free_disk,
     check_writable,
     estimate_cache_bytes,
     out_of_memory_advice,
     remove_stale_temporaries,
 )
-from dints3d.resume_settings import changed_settings, split_changes
-from dints3d.runtime import Runtime, rng_states, seed_everything, set_rng_states
-from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
-from dints3d.search.validate_iou import validate_scores, validation_metric
-from dints3d.spaces.base import SearchSpace
-from dints3d.spaces.factory import build_search_space
+from dints3d.utils.runtime import Runtime, rng_states, seed_everything
 
 WEIGHT_STREAM, ARCH_STREAM = 0, 1
 STREAM_NAMES = {WEIGHT_STREAM: "weights", ARCH_STREAM: "arch"}
-
-#: Settings a resumed search may change (with a warning): what the non-finite stop and the out-of-memory report
-#: advise, the length of the run, how often it validates, checkpoints and checks itself, and how the same function
-#: is computed (checkpointing, CPU kernels). Anything else (the space, the data, the losses, the seed …) would make
-#: the checkpoint describe another search and is refused.
-RESUME_MAY_CHANGE = (
-    "search.lr", "search.arch_lr", "search.amp", "search.max_nonfinite_steps", "search.iterations",
-    "search.val_interval", "search.checkpoint_interval", "search.val_sw_batch_size", "search.val_overlap",
-    "search.check_replicas", "search.checkpoint_cells", "search.checkpoint_fraction", "search.cpu_conv_routing",
-    "data.num_workers",
-)
-
-
-@dataclasses.dataclass
-class LoopState:
-    """Everything besides tensors that a resumed run must continue from."""
-
-    iteration: int = 0  #: iterations completed
-    best_dice: float = -1.0
-    nonfinite_total: int = 0
-    #: consecutive non-finite losses per step kind ("weight", "architecture")
-    nonfinite_streak: dict = dataclasses.field(default_factory=lambda: {"weight": 0, "architecture": 0})
-    stopped_nonfinite: bool = False  #: the checkpoint was written by a non-finite stop
-    #: samples of each stream consumed by all processes together: where a resumed run, under any number of
-    #: processes, continues reading
-    consumed: dict = dataclasses.field(default_factory=lambda: {"weights": 0, "arch": 0})
-    last_dice: list = dataclasses.field(default_factory=list)
-
-
-def resolve_patch_size(cfg: Config, plan: dict, space: SearchSpace) -> list[int]:
-    """The config's patch size, else the plan's; every side must be a multiple of the space's divisor."""
-    patch = list(cfg.data.patch_size or plan["patch_size"])
-    divisor = space.patch_divisor
-    dims = len(plan["patch_size"])
-    if len(patch) != dims or any(p % divisor or p <= 0 for p in patch):
-        raise DintsError("data.patch_size", f"{patch} must have {dims} sides, each a positive multiple of {divisor} "
-                         f"(what the {cfg.space} space needs)")
-    return patch
 
 
 class SearchRun:
@@ -94,7 +59,6 @@ class SearchRun:
         runtime: device and distributed placement.
         resume: continue from ``out/checkpoints/last.pt``.
     """
-
     def __init__(self, cfg: Config, work: str | Path, out: str | Path, runtime: Runtime, resume: bool = False):
         self.cfg, self.work, self.out, self.rt = cfg, Path(work), Path(out), runtime
         self.ckpt_dir = self.out / "checkpoints"
@@ -107,7 +71,7 @@ class SearchRun:
             if not has_checkpoint(last):
                 raise DintsError(last, "no checkpoint to resume from (start without --resume)")
             saved = load_checkpoint(last)
-            self._check_resumable_config(saved, last)
+            check_resumable_config(saved, self.cfg, last)
         elif has_checkpoint(last):
             raise DintsError(self.out, "already holds a search; pass --resume to continue it or choose another --out")
         else:
@@ -118,22 +82,24 @@ class SearchRun:
         self.space = build_search_space(cfg, int(self.plan["in_channels"]), int(self.plan["out_channels"]))
         self.space.to(runtime.device)
         runtime.broadcast_parameters(self.space)
-        self.patch = resolve_patch_size(cfg, self.plan, self.space)
+        self.patch = resolve_patch(self.plan, self.space.patch_divisor, f"the {cfg.space} space",
+                                   ("data.patch_size", cfg.data.patch_size))
         self.budget = self._apply_memory_budget()
         if cfg.data.cache_dir is not None and runtime.is_main:
             cases = len(load_items(self.work, "training"))
             check_free_disk(cfg.data.cache_dir, estimate_cache_bytes(self.plan, cases))
-        self.loss_fn = segmentation_loss(self.plan)  # DiceCE (MSD) or cross-entropy ignoring 255 (Cityscapes)
-        self._make_optimizers()
+        # DiceCE (MSD) or cross-entropy ignoring 255 (Cityscapes)
+        self.architect = Architect(self.space, segmentation_loss(self.plan), cfg.search, runtime)
         self.state = LoopState()
         self._nonfinite_stop: str | None = None
         if saved is not None:
             self._restore(saved, last)
         self._make_data()
         if saved is not None:  # last, so that nothing above draws from the restored generators
-            self._restore_rng(saved, last)
+            restore_rng(saved, self.rt.device, last)
         self.writer = None
         if runtime.is_main:
+            # tensorboard: heavy, and optional where only the search loop's logs need it (bench/gpu_check.py)
             from torch.utils.tensorboard import SummaryWriter
 
             self.out.mkdir(parents=True, exist_ok=True)
@@ -141,32 +107,13 @@ class SearchRun:
             self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=self.state.iteration)
 
     # ----------------------------------------------------------------------------------------------- setup
-    def _check_resumable_config(self, saved: dict, path: Path) -> None:
-        """Refuse a resume whose config differs from the checkpoint's outside :data:`RESUME_MAY_CHANGE`; warn
-        about the changes allowed."""
-        then = config_to_dict(config_from_dict(saved["config"], str(path)))
-        changes = changed_settings(then, config_to_dict(self.cfg))
-        _, refused = split_changes(changes, RESUME_MAY_CHANGE)
-        if refused:
-            key, (old, new) = next(iter(refused.items()))
-            raise DintsError(path, f"was written with a different config ({key}: {old!r} then, {new!r} now); resume "
-                             f"with the same settings (only {', '.join(RESUME_MAY_CHANGE)} may change)")
-        done = int(saved["loop"].get("iteration", 0)) if isinstance(saved.get("loop"), dict) else 0
-        if self.cfg.search.iterations < done:
-            raise DintsError(path, f"holds {done} completed iterations, more than search.iterations="
-                             f"{self.cfg.search.iterations}")
-        if changes:
-            warnings.warn("resuming with changed settings: " + ", ".join(
-                f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items()), stacklevel=2)
-
     def _apply_memory_budget(self) -> dict | None:
-        """Translate ``search.memory_budget_gb`` into σ for the memory loss (``dints3d/search/budget.py``)."""
+        """Translate ``search.memory_budget_gb`` into σ for the memory loss (``dints3d/cost/budget.py``)."""
         budget_gb = self.cfg.search.memory_budget_gb
         if budget_gb is None:
             return None
         if self.cfg.space != "dints":
             raise DintsError("search.memory_budget_gb", f"is only defined for the dints space, not {self.cfg.space}")
-        from dints3d.search.budget import sigma_for_budget
 
         train = self.cfg.train
         budget = sigma_for_budget(budget_gb, self.space, int(self.plan["in_channels"]), int(self.plan["out_channels"]),
@@ -178,23 +125,6 @@ class SearchRun:
             tqdm.write(f"memory budget {budget_gb:g} GB → ram_cost_factor σ = {budget['sigma']:.3f} "
                        f"(predicted ≈ {budget['intercept_gb']:.2f} + {budget['slope_gb']:.2f}·r GB)")
         return budget
-
-    def _make_optimizers(self) -> None:
-        s, scale = self.cfg.search, (self.rt.world_size if self.cfg.search.scale_lr else 1)
-        self.weight_params = self.space.weight_parameters()
-        self.opt_w = torch.optim.SGD(self.weight_params, lr=s.lr * scale, momentum=s.momentum,
-                                     weight_decay=s.weight_decay)
-        self.base_lr = s.lr * scale
-        self.arch_lr = s.arch_lr * scale
-        self.arch_groups = self.space.arch_parameter_groups()
-        self.arch_params = [p for group in self.arch_groups.values() for p in group]
-        self.opt_arch = {
-            name: torch.optim.Adam(params, lr=self.arch_lr, betas=tuple(s.arch_betas),
-                                   weight_decay=s.arch_weight_decay)
-            for name, params in self.arch_groups.items()
-        }
-        self.scaler_w = self.rt.grad_scaler(s.amp)
-        self.scaler_a = self.rt.grad_scaler(s.amp)
 
     def _make_data(self) -> None:
         d = self.cfg.data
@@ -228,43 +158,20 @@ class SearchRun:
             "format": "dints3d-search-checkpoint-2",
             "config": config_to_dict(self.cfg),
             "model": self.space.state_dict(),
-            "opt_w": self.opt_w.state_dict(),
-            "opt_arch": {k: o.state_dict() for k, o in self.opt_arch.items()},
-            "scaler_w": self.scaler_w.state_dict(),
-            "scaler_a": self.scaler_a.state_dict(),
+            **self.architect.state_dict(),
             "loop": dataclasses.asdict(self.state),
             "rng": rng_states(self.rt.device),
         }
 
     def _restore(self, saved: dict, path: Path) -> None:
         self.space.load_state_dict(saved["model"])
-        self.opt_w.load_state_dict(saved["opt_w"])
-        for k, o in self.opt_arch.items():
-            o.load_state_dict(saved["opt_arch"][k])
-            for group in o.param_groups:  # a resume may lower search.arch_lr, or run on another number of processes
-                group["lr"] = self.arch_lr
-        for scaler, key in ((self.scaler_w, "scaler_w"), (self.scaler_a, "scaler_a")):
-            if saved[key] or not scaler.is_enabled():  # a run that turns amp on starts with a fresh scaler
-                scaler.load_state_dict(saved[key])
-        self.state = _loop_state(saved["loop"], self.cfg, self.rt.world_size)
+        self.architect.load_state_dict(saved)
+        self.state = loop_state(saved["loop"], self.cfg, self.rt.world_size)
         if self.state.stopped_nonfinite:
             self.state.stopped_nonfinite = False
             self.state.nonfinite_streak = {kind: 0 for kind in self.state.nonfinite_streak}
             if self.rt.is_main:
                 tqdm.write(f"{path} was written by a non-finite stop; counting consecutive non-finite losses afresh")
-
-    def _restore_rng(self, saved: dict, path: Path) -> None:
-        """Python, numpy, torch and CUDA generators as they were when ``saved`` was written."""
-        states = saved.get("rng")
-        if states is None:  # older checkpoints kept the torch CPU generator only
-            states = {"torch": saved.get("torch_rng")}
-        try:
-            if set(states) == {"torch"} and torch.is_tensor(states["torch"]) and states["torch"].dtype == torch.uint8:
-                torch.set_rng_state(states["torch"])
-            else:
-                set_rng_states(states, self.rt.device)
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise DintsError(path, f"holds an unusable random generator state ({e})") from None
 
     def save(self, name: str = "last") -> None:
         """Write ``checkpoints/<name>.pt`` (rank 0). Every rank must call it: normalization statistics are averaged
@@ -274,32 +181,25 @@ class SearchRun:
             save_checkpoint(self.ckpt_dir / f"{name}.pt", self._state_dict())
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _set_trainable(self, weights: bool) -> None:
-        for p in self.weight_params:
-            p.requires_grad_(weights)
-        for p in self.arch_params:
-            p.requires_grad_(not weights)
-
     def _batch(self, it: Iterator, stream_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(it)
         self.state.consumed[STREAM_NAMES[stream_id]] += self.cfg.data.batch_size * self.rt.world_size
         dev = self.rt.device
         return batch["image"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
 
-    def _finite_or_skip(self, loss: torch.Tensor, kind: str) -> bool:
-        """Whether ``loss`` is finite on every rank; if not, count it. ``search.max_nonfinite_steps`` in a row of
-        one kind (``weight`` or ``architecture``) make :meth:`run` stop once the iteration is complete."""
+    def _count(self, finite: bool, kind: str) -> None:
+        """Count a skipped step of ``kind`` (``weight`` or ``architecture``) whose loss was not finite;
+        ``search.max_nonfinite_steps`` in a row of one kind make :meth:`run` stop once the iteration is complete."""
         streak = self.state.nonfinite_streak
-        if self.rt.all_true(bool(torch.isfinite(loss).item())):
+        if finite:
             streak[kind] = 0
-            return True
+            return
         self.state.nonfinite_total += 1
         streak[kind] += 1
         tqdm.write(f"warning: non-finite {kind} loss at iteration {self.state.iteration}; step skipped "
                    f"({streak[kind]} in a row, {self.state.nonfinite_total} in total)")
         if streak[kind] >= self.cfg.search.max_nonfinite_steps:
             self._nonfinite_stop = f"{streak[kind]} consecutive non-finite {kind} losses"
-        return False
 
     def _stop_nonfinite(self) -> None:
         """Checkpoint the completed iteration (its skipped steps included, so a resume neither repeats an update
@@ -311,44 +211,24 @@ class SearchRun:
                          "NaN/Inf, then continue with --resume and, e.g., --set search.lr=<lower> / "
                          "search.arch_lr=<lower> / search.amp=false / search.max_nonfinite_steps=<more>")
 
-    def weight_step(self, image: torch.Tensor, label: torch.Tensor, lr: float) -> float | None:
-        self._set_trainable(weights=True)
-        for group in self.opt_w.param_groups:
-            group["lr"] = lr
-        self.opt_w.zero_grad(set_to_none=True)
-        with self.rt.autocast(self.cfg.search.amp):
-            loss = self.loss_fn(self.space(image), label)
-        if not self._finite_or_skip(loss, "weight"):
-            return None
-        self.scaler_w.scale(loss).backward()
-        self.rt.average_gradients(self.weight_params)
-        self.scaler_w.step(self.opt_w)
-        self.scaler_w.update()
-        return loss.detach()
+    def weight_step(self, image: torch.Tensor, label: torch.Tensor, lr: float) -> torch.Tensor | None:
+        """:meth:`Architect.weight_step`, counted."""
+        loss = self.architect.weight_step(image, label, lr)
+        self._count(loss is not None, "weight")
+        return loss
 
     def arch_step(self, image: torch.Tensor, label: torch.Tensor, ramp: float) -> dict | None:
-        self._set_trainable(weights=False)
-        for opt in self.opt_arch.values():
-            opt.zero_grad(set_to_none=True)
-        with self.rt.autocast(self.cfg.search.amp):
-            seg = self.loss_fn(self.space(image), label)
-        terms = self.space.regularizers(tuple(image.shape))
-        loss = seg.float() + ramp * sum(terms.values())
-        if not self._finite_or_skip(loss, "architecture"):
-            return None
-        self.scaler_a.scale(loss).backward()
-        self.rt.average_gradients(self.arch_params)
-        for opt in self.opt_arch.values():
-            self.scaler_a.step(opt)
-        self.scaler_a.update()
-        if self.cfg.search.check_replicas and self.rt.distributed:
-            spread = self.rt.replica_spread(self.arch_params)
+        """:meth:`Architect.arch_step`, counted; with ``search.check_replicas``, the ranks' architectures are then
+        compared."""
+        terms = self.architect.arch_step(image, label, ramp)
+        self._count(terms is not None, "architecture")
+        if terms is not None and self.cfg.search.check_replicas and self.rt.distributed:
+            spread = self.rt.replica_spread(self.architect.arch_params)
             if spread != 0.0:
                 raise DintsError("search", f"architecture parameters differ between ranks by {spread:g} after "
                                  f"iteration {self.state.iteration}; the replicas have diverged")
-        return {"arch_seg": seg.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return terms
 
-    # ------------------------------------------------------------------------------------------- validation
     def validate_and_decode(self) -> dict:
         """Validation Dice (MSD) or IoU (Cityscapes) of the supernet and a decode snapshot (``arch_history/``)."""
         self.rt.average_buffers(self.space)  # validate with the statistics of every rank's batches, as one network
@@ -422,7 +302,7 @@ class SearchRun:
             t0 = time.perf_counter()
             image, label = self._batch(weights_it, WEIGHT_STREAM)
             t1 = time.perf_counter()
-            lr = weight_lr(t, total, warmup, self.base_lr, s.lr_schedule, s.lr_decay_points, s.lr_min)
+            lr = weight_lr(t, total, warmup, self.architect.base_lr, s.lr_schedule, s.lr_decay_points, s.lr_min)
             with self._explain_out_of_memory():
                 loss = self.weight_step(image, label, lr)
             if loss is not None:
@@ -477,8 +357,6 @@ class SearchRun:
     def _predicted_step_bytes(self) -> int | None:
         """Peak memory of one search step by the memory model, or None where it has no answer (e.g. this space)."""
         with contextlib.suppress(Exception):
-            from dints3d.memory import predict_search_step_memory
-
             return predict_search_step_memory(
                 self.space.hparams, self.input_shape[1:], batch=self.cfg.data.batch_size * self.cfg.data.num_samples,
                 amp=self.cfg.search.amp, num_classes=int(self.plan["out_channels"]),
@@ -508,8 +386,6 @@ class SearchRun:
             path = arch.save(self.out / "arch.json")
             figure = arch.figure()
             if figure is not None:
-                from dints3d.viz import save_figure
-
                 save_figure(figure, self.out / "arch.png")
             summary = {"iterations": self.state.iteration, "best_validation_dice": self.state.best_dice,
                        "validation_metric": validation_metric(self.plan)[0],
@@ -541,14 +417,4 @@ def _allgather_mean(dice: list[float], rt: Runtime) -> list[float]:
     torch.distributed.all_gather(gathered, t)
     return torch.nanmean(torch.stack(gathered), 0).cpu().tolist()
 
-
-def _loop_state(saved: dict, cfg: Config, world_size: int) -> LoopState:
-    """A checkpoint's loop state; fields older checkpoints lack get what the run must have done."""
-    known = {f.name for f in dataclasses.fields(LoopState)}
-    state = LoopState(**{k: v for k, v in saved.items() if k in known})
-    if "consumed" not in saved:  # written before the counts were kept: assume the same number of processes
-        s, per_step = cfg.search, cfg.data.batch_size * world_size
-        arch_steps = max(0, state.iteration - warmup_iterations(s.iterations, s.warmup_fraction))
-        state.consumed = {"weights": state.iteration * per_step, "arch": arch_steps * per_step}
-    return state
 

@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 from dints3d.config import config_path, load_config
-from dints3d.runtime import init_runtime
+from dints3d.search.loop import SearchRun
+from dints3d.utils.checkpoint import has_checkpoint
+from dints3d.utils.runtime import init_runtime
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,15 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def wants_resume(mode: str | None, out: str | Path) -> bool:
     """``--resume`` → True; ``--resume auto`` → whether ``out`` holds a checkpoint; no flag → False."""
     if mode == "auto":
-        from dints3d.checkpoint import has_checkpoint
-
         return has_checkpoint(Path(out) / "checkpoints" / "last.pt")
     return mode == "yes"
 
 
 def run(args: argparse.Namespace) -> int:
-    from dints3d.search.loop import SearchRun
-
     cfg = load_config(config_path(args.config), args.overrides)
     runtime = init_runtime(cfg.device)
     search = SearchRun(cfg, args.work, args.out, runtime, resume=wants_resume(args.resume, args.out))

@@ -17,11 +17,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dints3d.errors import DintsError
-from dints3d.io import read_json, write_json
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import write_json
 
 ARCH_FORMAT_VERSION = 1
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
 class Architecture(abc.ABC):
@@ -42,6 +41,35 @@ class Architecture(abc.ABC):
     @abc.abstractmethod
     def build(self, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
         """The discrete network: ``BC[spatial]`` image → ``B out_channels [spatial]`` logits."""
+
+    @property
+    def patch_divisor(self) -> int | tuple[int, ...]:
+        """Every side of an input patch must be a multiple of this (1: any size), or per axis a tuple."""
+        return 1
+
+    @property
+    def patch_requirement(self) -> str:
+        """What sets :attr:`patch_divisor`, for messages (``"this architecture (4 depths)"``)."""
+        return "this architecture"
+
+    #: the space's name as people write it (bundle names and descriptions)
+    display_name: ClassVar[str] = ""
+
+    def headline(self) -> str:
+        """One phrase naming the network, e.g. ``DiNTS network (12 blocks × 4 resolutions, 20 active paths)``."""
+        return f"{self.display_name or self.space} network"
+
+    def summary(self, channel_mul: float = 1.0) -> dict[str, Any]:
+        """Space-specific facts (JSON-able) for ``dints3d describe`` and bundle READMEs, for a network built with
+        ``channel_mul``."""
+        return {}
+
+    def bundle_network(self) -> dict[str, Any]:
+        """The network as a MONAI bundle config item (MONAI classes only, so the bundle infers with MONAI alone),
+        built from the bundle's ``@in_channels``, ``@out_channels``, ``@channel_mul`` and ``@arch`` (the parsed
+        ``models/arch.json``)."""
+        raise DintsError(self.space, "architectures of this space have no MONAI-only form; export them with a "
+                         "task format whose bundle builds them with dints3d")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``arch.json`` atomically."""
@@ -87,48 +115,15 @@ class SearchSpace(nn.Module, abc.ABC):
         return {}
 
 
-#: space name → module defining its Architecture subclass (imported on first use)
-SPACE_MODULES = {"dints": "dints3d.spaces.dints", "autodeeplab": "dints3d.spaces.autodeeplab",
-                 "dpc": "dints3d.spaces.dpc"}
-
-
-def architecture_class(space: str) -> type[Architecture]:
-    """The Architecture subclass of ``space`` (its module imported on demand)."""
-    import importlib
-
-    importlib.import_module(SPACE_MODULES[space])
-    return next(c for c in _all_subclasses(Architecture) if getattr(c, "space", None) == space)
-
-
-def _all_subclasses(cls: type) -> list[type]:
-    return [c for sub in cls.__subclasses__() for c in (sub, *_all_subclasses(sub))]
-
-
-def architecture_from_dict(data: Any, source: str | None = None) -> Architecture:
-    """Dispatch on ``data["space"]``."""
+def check_document(data: Any, spaces: tuple[str, ...], source: str | None = None) -> str:
+    """The ``space`` of an ``arch.json`` document after checking it is an object of a known format version whose
+    space is one of ``spaces``."""
     if not isinstance(data, dict):
         raise DintsError(source, "an architecture must be a JSON object")
     space = data.get("space")
-    if not isinstance(space, str) or space not in SPACE_MODULES:
-        raise DintsError(source, f"unknown or missing 'space' {space!r}; expected one of {', '.join(SPACE_MODULES)}")
+    if not isinstance(space, str) or space not in spaces:
+        raise DintsError(source, f"unknown or missing 'space' {space!r}; expected one of {', '.join(spaces)}")
     version = data.get("version")
     if version != ARCH_FORMAT_VERSION:
         raise DintsError(source, f"unsupported arch format version {version!r} (this dints3d reads {ARCH_FORMAT_VERSION})")
-    return architecture_class(space).from_dict(data, source)
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def load_architecture(path_or_preset: str | os.PathLike) -> Architecture:
-    """Read an ``arch.json`` file, or a packaged preset by name (e.g. ``dints-cvpr``)."""
-    path = Path(path_or_preset)
-    if not path.exists():
-        preset = PRESET_DIR / f"{path_or_preset}.json"
-        if preset.exists():
-            path = preset
-        else:
-            presets = ", ".join(list_presets()) or "none"
-            raise DintsError(path_or_preset, f"no such arch file or preset (presets: {presets})")
-    return architecture_from_dict(read_json(path), os.fspath(path))
+    return space

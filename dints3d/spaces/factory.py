@@ -1,15 +1,60 @@
-"""Build the configured search space (``cfg.space``) for a task's channels and classes."""
+"""The spaces by name: reading any ``arch.json`` or packaged preset and building the configured supernet. The one
+module that knows every space (each space package knows only itself)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
 from dints3d.config import Config
-from dints3d.spaces.base import SearchSpace
+from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
+from dints3d.spaces.autodeeplab.supernet import AutoDeepLabSearchSpace
+from dints3d.spaces.base import Architecture, SearchSpace, check_document
+from dints3d.spaces.baselines.networks import BASELINES, plan_baseline
+from dints3d.spaces.dints.architecture import DintsArchitecture
+from dints3d.spaces.dints.supernet import DintsSearchSpace
+from dints3d.spaces.dpc.architecture import DpcArchitecture
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import read_json
+
+#: space name → its architecture class (the ``space`` field of ``arch.json``)
+ARCHITECTURES: dict[str, type[Architecture]] = {cls.space: cls for cls in (
+    DintsArchitecture, AutoDeepLabArchitecture, DpcArchitecture, *BASELINES.values())}
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def architecture_from_dict(data: Any, source: str | None = None) -> Architecture:
+    """Dispatch on ``data["space"]``."""
+    return ARCHITECTURES[check_document(data, tuple(ARCHITECTURES), source)].from_dict(data, source)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_architecture(path_or_preset: str | os.PathLike, plan: Mapping | None = None) -> Architecture:
+    """Read an ``arch.json`` file, a packaged preset by name (e.g. ``dints-cvpr``), or a baseline by name
+    (``segresnet``, ``dynunet``: sized for ``plan``)."""
+    path = Path(path_or_preset)
+    if not path.exists():
+        preset = PRESET_DIR / f"{path_or_preset}.json"
+        if os.fspath(path_or_preset) in BASELINES:
+            if plan is None:
+                raise DintsError(path_or_preset, "a baseline is sized from a prepared task's plan (give --work)")
+            return plan_baseline(os.fspath(path_or_preset), plan)
+        if preset.exists():
+            path = preset
+        else:
+            presets = ", ".join(list_presets()) or "none"
+            raise DintsError(path_or_preset, f"no such arch file or preset (presets: {presets}; baselines sized "
+                             f"from the task: {', '.join(sorted(BASELINES))})")
+    return architecture_from_dict(read_json(path), os.fspath(path))
 
 
 def build_search_space(cfg: Config, in_channels: int, num_classes: int) -> SearchSpace:
+    """The configured supernet (``cfg.space``) for a task's channels and classes."""
     if cfg.space == "dints":
-        from dints3d.spaces.dints import DintsSearchSpace
-
         d, s = cfg.dints, cfg.search
         return DintsSearchSpace(
             in_channels=in_channels, num_classes=num_classes, num_blocks=d.num_blocks, num_depths=d.num_depths,
@@ -19,9 +64,6 @@ def build_search_space(cfg: Config, in_channels: int, num_classes: int) -> Searc
             checkpoint_fraction=s.checkpoint_fraction, cpu_conv_routing=s.cpu_conv_routing,
         )
     if cfg.space == "autodeeplab":
-        from dints3d.errors import DintsError
-        from dints3d.spaces.autodeeplab import AutoDeepLabSearchSpace
-
         a = cfg.autodeeplab
         if a.num_classes is not None and a.num_classes != num_classes:
             raise DintsError("autodeeplab.num_classes", f"is {a.num_classes} but the data has {num_classes} classes")
@@ -31,7 +73,5 @@ def build_search_space(cfg: Config, in_channels: int, num_classes: int) -> Searc
             checkpoint_cells=cfg.search.checkpoint_cells,
         )
     if cfg.space == "dpc":
-        from dints3d.errors import DintsError
-
         raise DintsError("space", "dpc has no supernet: it is searched by random search (`dints3d random-search`)")
     raise NotImplementedError(cfg.space)  # config validation admits only implemented spaces

@@ -1,0 +1,229 @@
+"""``dints3d train``: retrain a bundle's architecture with its ``configs/train.yaml`` (:mod:`dints3d.bundle.runner`).
+
+``dints3d train`` checks before it starts (:func:`preflight_training`): the checkpoint and log folders are writable,
+the disk has room for the checkpoints and the RAM for the data cache, the patch fits the architecture, and a GPU
+asked for with ``--device cuda`` exists. It never overwrites a training: without ``--resume``, a bundle that already
+holds checkpoints or a ``model.pt`` is refused; ``--resume`` continues one only if its recorded settings are unchanged
+(train.yaml's ``resume_mode``, see :class:`dints3d.bundle.handlers.ResumeCheck`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from dints3d.bundle.handlers import SAFE_TO_CHANGE, refuse_existing_training, training_state_files
+from dints3d.bundle.runner import (
+    add_nproc_argument,
+    bundle_folder,
+    bundle_run,
+    config_file,
+    launcher,
+    override_args,
+    parse_set,
+)
+from dints3d.cost.memory import meta_network
+from dints3d.data.patch import check_patch_sides
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.errors import DintsError
+from dints3d.utils.io import read_json
+from dints3d.utils.preflight import check_free_disk, check_writable, estimate_cache_bytes
+
+#: ``dints3d train --device`` choices
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets: list[str] | tuple[str, ...] = (),
+          log: Path | None = None, nproc: int = 1, resume: bool | str = False, device: str = "auto") -> int:
+    """Retrain the bundle's architecture (``configs/train.yaml``, with ``multi_gpu_train.yaml`` on ``nproc`` > 1
+    processes) after :func:`preflight_training`.
+
+    ``resume``: ``False`` refuses a bundle that already holds a training (checkpoints or ``model.pt``); ``True``
+    continues one from its newest readable checkpoint, refusing changed settings (except
+    :data:`dints3d.bundle.handlers.SAFE_TO_CHANGE`); ``"auto"`` does that when there is a checkpoint and starts fresh
+    otherwise. ``device``: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda`` (an error without one)."""
+    bundle = Path(bundle).absolute()
+    train_yaml = config_file(bundle, "train.yaml")
+    launcher(nproc)
+    if device not in TRAIN_DEVICES:
+        raise DintsError("--device", f"must be one of {', '.join(TRAIN_DEVICES)}, got '{device}'")
+    args = []
+    if work is not None:
+        if not (Path(work) / "datalist.json").is_file():
+            raise DintsError(work, "no datalist.json here; give the folder written by `dints3d prepare`")
+        args += ["--work_dir", str(Path(work).absolute())]
+    settings = train_settings(train_yaml, sets, work)
+    env = preflight_training(bundle, settings, nproc, device)
+    mode = resume_mode(resume, bundle_folder(settings.get("ckpt_dir"), bundle))
+    configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
+    return bundle_run(bundle, configs, args + ["--resume_mode", mode] + override_args(sets), log, nproc, env)
+
+
+def train_settings(train_yaml: Path, sets: list[str] | tuple[str, ...] = (),
+                   work: str | os.PathLike | None = None) -> dict[str, Any]:
+    """train.yaml's top-level values as written (``$`` expressions unevaluated) with the ``--set`` overrides of
+    top-level ids and ``--work`` applied."""
+    try:
+        config = yaml.safe_load(train_yaml.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise DintsError(train_yaml, f"cannot read as YAML: {e}") from None
+    if not isinstance(config, dict) or "resume_mode" not in config:
+        raise DintsError(train_yaml, "has no resume_mode (a bundle exported by an older dints3d): export it again, or "
+                         "run it with `python -m monai.bundle run`")
+    for text in sets:
+        key, _, value = parse_set(text)
+        if key == "resume_mode":
+            raise DintsError("--set", "resume_mode is set by dints3d train (use --resume)")
+        if "#" not in key:
+            config[key] = value
+    if work is not None:
+        config["work_dir"] = str(Path(work).absolute())
+    return config
+
+
+def resume_mode(resume: bool | str, ckpt_dir: Path | None) -> str:
+    """train.yaml's ``resume_mode`` for ``--resume`` (``True``, ``False`` or ``"auto"``), after checking ``ckpt_dir``
+    (when the parent can name it; the bundle run checks again)."""
+    if resume not in (True, False, "auto"):
+        raise DintsError("--resume", f"expected no value or 'auto', got '{resume}'")
+    checkpoints = [p for p in training_state_files(ckpt_dir) if p.name != "model.pt"] if ckpt_dir else None
+    if resume == "auto":  # an unknown checkpoint folder: the bundle run resumes from whatever it holds
+        return "newest" if checkpoints is None else "same_settings" if checkpoints else "never"
+    if resume:
+        if checkpoints == []:
+            raise DintsError(ckpt_dir, "no checkpoint_epoch=N.pt to resume from (start without --resume)")
+        return "same_settings"
+    if ckpt_dir is not None:
+        refuse_existing_training(ckpt_dir, "continue it with --resume")
+    return "never"
+
+
+#: bytes per parameter of a checkpoint_epoch=N.pt (fp32 weights and SGD momentum) and of model.pt (weights)
+CHECKPOINT_BYTES_PER_PARAMETER, MODEL_BYTES_PER_PARAMETER = 8, 4
+#: checkpoints on disk at once: the two kept (n_saved) and the one being written; model.pt and its temporary copy
+CHECKPOINTS_AT_ONCE, MODELS_AT_ONCE = 3, 2
+
+
+def preflight_training(bundle: Path, settings: Mapping[str, Any], nproc: int = 1, device: str = "auto"
+                       ) -> dict[str, str]:
+    """Checks before a bundle training starts, each failing with one line (:class:`DintsError`): the device, writable
+    ``ckpt_dir`` and ``output_dir``, the patch against the architecture, free disk for the checkpoints and free RAM
+    for the data cache. Values that are ``$`` expressions are left to the bundle run. Returns environment variables
+    for the run (``CUDA_VISIBLE_DEVICES=""`` hides the GPUs from a ``--device cpu`` run)."""
+    env = _check_device(device, nproc)
+    for key in ("ckpt_dir", "output_dir"):
+        folder = bundle_folder(settings.get(key), bundle)
+        if folder is not None:
+            check_writable(folder)
+    parameters = _parameter_count(bundle, settings)
+    ckpt_dir = bundle_folder(settings.get("ckpt_dir"), bundle)
+    if ckpt_dir is not None and parameters is not None:
+        needed = (CHECKPOINTS_AT_ONCE * CHECKPOINT_BYTES_PER_PARAMETER + MODELS_AT_ONCE * MODEL_BYTES_PER_PARAMETER) \
+            * parameters - sum(p.stat().st_size for p in training_state_files(ckpt_dir))
+        check_free_disk(ckpt_dir, needed, purpose=f"the checkpoints of a {parameters / 1e6:.1f} M-parameter network",
+                        advice="free space, or --set ckpt_dir=FOLDER on another disk")
+    _check_cache_memory(settings)
+    return env
+
+
+def _check_device(device: str, nproc: int) -> dict[str, str]:
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cuda" and gpus == 0:
+        raise DintsError("--device", "'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
+    if 0 < gpus < nproc:
+        raise DintsError("--nproc", f"{nproc} processes need {nproc} GPUs (one each), {gpus} visible; use --nproc "
+                         f"{gpus}, or --device cpu for CPU processes")
+    return {}
+
+
+def _plain_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parameter_count(bundle: Path, settings: Mapping[str, Any]) -> int | None:
+    """Parameters of the network train.yaml builds (on the meta device), after checking ``patch_size`` against the
+    architecture; ``None`` when a setting it needs is a ``$`` expression."""
+    arch = load_architecture(bundle / "models" / "arch.json")
+    patch = settings.get("patch_size")
+    if isinstance(patch, list):
+        check_patch_sides(patch, arch.spatial_dims, arch.patch_divisor, "patch_size", arch.patch_requirement)
+    channels = [settings.get(key) for key in ("in_channels", "out_channels", "channel_mul")]
+    options = settings.get("build_options", {})
+    if not all(_plain_number(v) for v in channels) or not isinstance(options, dict):
+        return None
+    try:
+        model = meta_network(arch, int(channels[0]), int(channels[1]), channel_mul=float(channels[2]), **options)
+    except (TypeError, ValueError, RuntimeError):  # an impossible width: the bundle run reports it
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to new allocations (``MemAvailable``), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_cache_memory(settings: Mapping[str, Any]) -> None:
+    """The bundle caches the preprocessed training and validation cases in RAM (``CacheDataset``, ``cache_rate`` of
+    them): refuse a cache that cannot fit, suggesting a ``cache_rate`` that does."""
+    rate, fold, work = settings.get("cache_rate"), settings.get("fold"), settings.get("work_dir")
+    if not _plain_number(rate) or rate <= 0 or not _plain_number(fold) or not isinstance(work, str) \
+            or work.startswith("$"):
+        return
+    try:
+        plan, datalist = read_json(Path(work) / "plan.json"), read_json(Path(work) / "datalist.json")
+        cases = sum(len(datalist[f"fold{int(fold)}_{part}"]) for part in ("train", "validation"))
+        full = estimate_cache_bytes(plan, cases)
+    except (DintsError, KeyError, TypeError, ValueError):
+        return  # a broken WORK folder is reported by the bundle run, naming the file
+    needed, available = full * min(float(rate), 1.0), available_memory()
+    if available is not None and needed > available:
+        fitting = math.floor(10 * 0.8 * available / max(full, 1)) / 10
+        raise DintsError("cache_rate", f"caching {min(float(rate), 1.0):g} of {cases} cases needs about "
+                         f"{needed / 2**30:.1f} GiB of RAM, {available / 2**30:.1f} GiB available; lower it, e.g. "
+                         f"--set cache_rate={fitting:g}")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    safe = ", ".join(key for key in SAFE_TO_CHANGE if key != "world_size")
+    parser.add_argument("bundle", help="bundle folder (written by `dints3d export`)")
+    parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
+                        help="continue the bundle's training from its newest readable checkpoint, refusing changed "
+                             f"settings except {safe} and the number of processes; `--resume auto` continues when "
+                             "there is a checkpoint and starts fresh otherwise. Without --resume a bundle that "
+                             "already holds a training (checkpoints or model.pt) is refused")
+    parser.add_argument("--work", help="prepared folder (datalist.json) instead of the one recorded in the bundle")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="bundle config override, e.g. num_iterations=2000 or amp=false (repeatable)")
+    parser.add_argument("--device", choices=TRAIN_DEVICES, default="auto",
+                        help="auto (a GPU if there is one), cpu, or cuda (an error without a GPU); default auto")
+    add_nproc_argument(parser, "train data-parallel (torchrun + configs/multi_gpu_train.yaml)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    resume = {None: False, "yes": True, "auto": "auto"}[args.resume]
+    status = train(args.bundle, args.work, args.sets, nproc=args.nproc, resume=resume, device=args.device)
+    if status == 0:
+        print(f"trained: {Path(args.bundle) / 'models' / 'model.pt'} (best validation score)")
+    return status
+
+

@@ -1,1 +1,0 @@
-"""Discrete networks built from searched architectures."""
