@@ -98,14 +98,17 @@ class SearchConfig:
 
 @dataclass
 class TrainConfig:
-    """Retraining a discrete architecture."""
+    """Retraining a discrete architecture (searched or baseline) with a recipe (``dints3d/bundle/recipes.py``)."""
 
+    recipe: str = "nnunet"  #: nnunet (nnU-Net's augmentation, SGD Nesterov 0.99, poly decay) or dints (the paper's)
     channel_mul: float = 1.0
     iterations: int = 40000
-    lr: float = 0.025
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
-    lr_decay_points: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    lr: float | None = None  #: None → the recipe's (nnunet 0.01, dints 0.025)
+    momentum: float | None = None  #: None → the recipe's (nnunet 0.99 Nesterov, dints 0.9)
+    weight_decay: float | None = None  #: None → the recipe's (nnunet 3e-5, dints 4e-5)
+    lr_decay_points: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])  #: dints recipe only
+    deep_supervision: bool = True  #: output heads on coarser decoder levels, for networks that have them
+    elastic: bool = False  #: nnunet recipe: also elastic deformation (off, as in nnU-Net v2)
     batch_size: int = 2
     amp: bool = True
     val_interval: int = 1000
@@ -163,6 +166,7 @@ class Config:
 
 
 SPACES = ("dints", "autodeeplab", "dpc")  #: dpc: random search only (dints3d random-search)
+RECIPES = ("nnunet", "dints")  #: train.recipe
 
 
 def _type_name(tp: Any) -> str:
@@ -296,7 +300,12 @@ def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] 
     check(adl.spatial_dims in (2, 3), "autodeeplab.spatial_dims", f"must be 2 or 3, got {adl.spatial_dims}")
     check(adl.supernet in ("per_transition", "mixed_input"), "autodeeplab.supernet",
           f"must be 'per_transition' or 'mixed_input', got '{adl.supernet}'")
-    check(cfg.train.channel_mul > 0, "train.channel_mul", "must be > 0")
+    t = cfg.train
+    check(t.recipe in RECIPES, "train.recipe", f"must be one of {', '.join(RECIPES)}, got '{t.recipe}'"
+          f"{suggest_key(t.recipe, list(RECIPES))}")
+    check(t.channel_mul > 0, "train.channel_mul", "must be > 0")
+    for name in ("lr", "momentum", "weight_decay"):
+        check(getattr(t, name) is None or getattr(t, name) >= 0, f"train.{name}", "must be ≥ 0")
     check(cfg.train.image_scale is None or cfg.train.image_scale > 0, "train.image_scale", "must be > 0")
     if cfg.train.patch_size is not None:
         check(len(cfg.train.patch_size) in (2, 3) and min(cfg.train.patch_size) >= 1, "train.patch_size",

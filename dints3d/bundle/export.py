@@ -18,6 +18,8 @@ from typing import Any
 from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
 
 import dints3d
+from dints3d.bundle import recipes
+from dints3d.bundle.recipes import optimizer_settings
 from dints3d.bundle.template import (
     arch_source_name,
     bullets,
@@ -33,8 +35,6 @@ from dints3d.data.formats import plan_format
 from dints3d.data.patch import resolve_patch
 from dints3d.data.transforms import normalization_transform
 from dints3d.spaces.base import Architecture
-from dints3d.spaces.dints.architecture import DintsArchitecture
-from dints3d.spaces.dints.operations import operation_names
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json
@@ -73,12 +73,13 @@ def _in_plane_axes(plan: dict, patch: list[int]) -> list[int] | None:
     return axes if patch[axes[0]] == patch[axes[1]] else None
 
 
-def task_settings(arch: DintsArchitecture, plan: dict, cfg: Config, bundle_root: Path, work: Path,
+def task_settings(arch: Architecture, plan: dict, cfg: Config, bundle_root: Path, work: Path,
                   task_dir: Path) -> dict[str, dict[str, Any]]:
-    """Config file → the values of its task-settings block."""
-    patch = resolve_patch(plan, arch.patch_divisor, f"this architecture ({arch.num_depths} depths)",
+    """Config file → the values of its task-settings block (and of the recipe's items of train.yaml)."""
+    patch = resolve_patch(plan, arch.patch_divisor, arch.patch_requirement,
                           ("train.patch_size", cfg.train.patch_size), ("data.patch_size", cfg.data.patch_size), dims=3)
     t = cfg.train
+    optimizer = optimizer_settings(t)
     common = {
         "bundle_root": str(bundle_root),
         "in_channels": int(plan["in_channels"]),
@@ -90,6 +91,7 @@ def task_settings(arch: DintsArchitecture, plan: dict, cfg: Config, bundle_root:
         "channel_mul": float(t.channel_mul),
         "amp": bool(t.amp),
         "num_workers": int(cfg.data.num_workers),
+        "network_def": arch.bundle_network(),
     }
     train = {
         **common,
@@ -97,16 +99,20 @@ def task_settings(arch: DintsArchitecture, plan: dict, cfg: Config, bundle_root:
         "dataset_dir": str(task_dir),
         "fold": int(cfg.data.fold),
         "rotate90_axes": _in_plane_axes(plan, patch),
+        "recipe": t.recipe,
         "num_iterations": int(t.iterations),
         "val_interval": int(t.val_interval),
-        "learning_rate": float(t.lr),
-        "momentum": float(t.momentum),
-        "weight_decay": float(t.weight_decay),
+        "learning_rate": optimizer["lr"],
+        "momentum": optimizer["momentum"],
+        "weight_decay": optimizer["weight_decay"],
         "lr_decay_points": [float(p) for p in t.lr_decay_points],
         "batch_size": int(t.batch_size),
         "num_samples": int(cfg.data.num_samples),
         "cache_rate": float(cfg.data.cache_rate),
         "seed": int(cfg.seed),
+        "augmentation": recipes.augmentation(t.recipe, plan, len(patch), t.elastic),
+        "optimizer": recipes.optimizer(t.recipe),
+        "lr_scheduler": recipes.lr_scheduler(t.recipe),
     }
     return {
         "inference.yaml": {**common, "dataset_dir": str(task_dir / "imagesTs")},
@@ -133,7 +139,7 @@ def _input_format(plan: dict, patch: list[int]) -> dict[str, Any]:
     }
 
 
-def metadata(template: dict, arch: DintsArchitecture, plan: dict, patch: list[int], arch_source: str) -> dict:
+def metadata(template: dict, arch: Architecture, plan: dict, patch: list[int], arch_source: str) -> dict:
     """``configs/metadata.json``: the template's text fields, this environment's versions, the plan's data format."""
     image = _input_format(plan, patch)
     names = [str(n) for n in plan["class_names"]]
@@ -147,7 +153,7 @@ def metadata(template: dict, arch: DintsArchitecture, plan: dict, patch: list[in
         **template,
         **versions(REQUIRED_PACKAGES),
         "changelog": {template["version"]: f"exported by dints3d {dints3d.__version__} from {arch_source}"},
-        "name": f"DiNTS {plan['name']}",
+        "name": f"{arch.display_name} {plan['name']}",
         "task": f"Segmentation of {', '.join(names[1:])} in {modality} ({plan['name']})",
         "description": description,
         "data_source": f"{plan['name']} (MSD-format task)",
@@ -160,19 +166,16 @@ def metadata(template: dict, arch: DintsArchitecture, plan: dict, patch: list[in
     }
 
 
-def readme_values(arch: DintsArchitecture, plan: dict, settings: dict, meta: dict, bundle: Path,
+def readme_values(arch: Architecture, plan: dict, settings: dict, meta: dict, bundle: Path,
                   arch_source: str) -> dict[str, str]:
     """Values of the ``{{placeholders}}`` of ``docs/README.md``."""
-    ops = operation_names(arch.spatial_dims)
-    active = arch.arch_code_a > 0
-    counts = {ops[k]: int((arch.arch_code_c[active] == k).sum()) for k in range(len(ops))}
     train = settings["train.yaml"]
+    facts = {name.replace("_", " "): value for name, value in arch.summary(train["channel_mul"]).items()}
     architecture = bullets({
-        "grid": f"{arch.num_blocks} blocks × {arch.num_depths} resolutions (downsampled stem: {arch.use_downsample})",
-        "active paths": f"{arch.num_active_paths} of {arch.arch_code_a.size}",
-        "operations": ", ".join(f"{name} {n}" for name, n in counts.items() if n),
+        "network": arch.headline(),
+        **facts,
         "parameters": f"{parameter_count(arch, plan, train['channel_mul']) / 1e6:.2f} M at channel_mul "
-                      f"{train['channel_mul']} (searched at {arch.channel_mul_search})",
+                      f"{train['channel_mul']}",
     })
     prov = dict(arch.provenance)
     provenance = bullets({
@@ -192,9 +195,9 @@ def readme_values(arch: DintsArchitecture, plan: dict, settings: dict, meta: dic
         "normalization": ", ".join(f"{k}={v}" for k, v in norm.items() if k != "keys"),
         "prepared folder": f"`{train['work_dir']}` (datalist fold {train['fold']})",
     })
-    training = bullets({key: train[key] for key in ("channel_mul", "num_iterations", "val_interval",
-                                                     "learning_rate", "momentum", "weight_decay", "lr_decay_points",
-                                                     "batch_size", "num_samples", "amp")})
+    training = bullets({key: train[key] for key in ("recipe", "channel_mul", "num_iterations", "val_interval",
+                                                     "learning_rate", "momentum", "weight_decay", "batch_size",
+                                                     "num_samples", "amp")})
     return {"title": meta["name"], "description": meta["description"], "architecture": architecture,
             "provenance": provenance, "data": data, "training": training, "bundle": str(bundle)}
 
@@ -207,18 +210,20 @@ def export_bundle(arch_source: str | os.PathLike, work: str | os.PathLike, out: 
     cfg = cfg or Config()
     out, work = Path(out).absolute(), Path(work).absolute()
     check_target(out, force)
-    arch = load_architecture(arch_source)
     plan = load_plan(work, cfg.plan)
+    arch = load_architecture(arch_source, plan, cfg.train.deep_supervision)
     return plan_format(plan).stage("export")(arch, arch_source, plan, work, out, cfg)
 
 
 def export_msd_bundle(arch: Architecture, arch_source: str | os.PathLike, plan: dict, work: Path, out: Path,
                       cfg: Config) -> Path:
-    """The bundle for a 3D DiNTS ``arch`` and the MSD task prepared in ``work`` (``plan`` its plan), written to
-    ``out`` (already checked to be absent or replaceable) from the template ``bundles/dints_msd``."""
-    if not isinstance(arch, DintsArchitecture) or arch.spatial_dims != 3:
-        raise DintsError(arch_source, "the MSD bundle template holds 3D DiNTS architectures only (2D architectures "
+    """The bundle for a 3D ``arch`` with a MONAI-only form (DiNTS, SegResNet, DynUNet) and the MSD task prepared in
+    ``work`` (``plan`` its plan), written to ``out`` (already checked to be absent or replaceable) from the template
+    ``bundles/dints_msd``."""
+    if arch.spatial_dims != 3:
+        raise DintsError(arch_source, "the MSD bundle template holds 3D architectures only (2D architectures "
                          "export with a Cityscapes-format task)")
+    arch.bundle_network()  # refuses a space without a MONAI-only network
     template = template_dir(TEMPLATE)
     source = arch_source_name(arch_source)
     settings = task_settings(arch, plan, cfg, out, work, Path(plan["task_dir"]))

@@ -51,6 +51,7 @@ from monai.handlers import CheckpointSaver
 from monai.utils.enums import CommonKeys
 
 from dints3d.cost.memory import meta_network, predict_training_memory
+from dints3d.data.patch import per_axis
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import atomic_path
@@ -474,7 +475,8 @@ class OutOfMemoryReport:
             model = meta_network(arch, self.in_channels, self.out_channels, **self.build_options)
             predicted = predict_training_memory(model, (self.in_channels, *self.patch), batch=self.batch,
                                                 amp=self.amp, device="cuda")
-            return predicted, arch.patch_divisor if arch.patch_divisor > 1 else 32
+            step = max(per_axis(arch.patch_divisor, arch.spatial_dims))
+            return predicted, step if step > 1 else 32
         except Exception:  # noqa: BLE001 - the advice must not fail where the report is needed most
             return None
 

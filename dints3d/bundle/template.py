@@ -67,6 +67,14 @@ def arch_source_name(arch_source: str | os.PathLike) -> str:
     return str(Path(arch_source).resolve()) if Path(arch_source).exists() else os.fspath(arch_source)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No anchors and aliases: a value that occurs twice (a shared list) is written twice, so separately dumped
+    keys never reuse an anchor name."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def fill_yaml(text: str, values: dict[str, Any], source: str) -> str:
     """Replace the value of each top-level key of ``values`` in the YAML ``text`` (the key's line and its indented
     continuation lines), keeping everything else (comments included). Every key must occur exactly once."""
@@ -78,8 +86,8 @@ def fill_yaml(text: str, values: dict[str, Any], source: str) -> str:
         start = end = starts[0]
         while end + 1 < len(lines) and lines[end + 1][:1] == " " and lines[end + 1].strip():
             end += 1
-        dumped = yaml.safe_dump({key: value}, default_flow_style=None, sort_keys=False, width=2**31 - 1,
-                                allow_unicode=True).rstrip("\n")
+        dumped = yaml.dump({key: value}, Dumper=_PlainDumper, default_flow_style=None, sort_keys=False,
+                           width=2**31 - 1, allow_unicode=True).rstrip("\n")
         if dumped.startswith("{"):  # a scalar or a flat list is dumped as a one-line flow mapping {key: value}
             dumped = dumped[1:-1]
         lines[start:end + 1] = dumped.splitlines()

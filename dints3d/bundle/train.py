@@ -9,7 +9,6 @@ holds checkpoints or a ``model.pt`` is refused; ``--resume`` continues one only 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from pathlib import Path
@@ -18,9 +17,8 @@ from typing import Any, Mapping
 import torch
 import yaml
 
-from dints3d.bundle.handlers import SAFE_TO_CHANGE, refuse_existing_training, training_state_files
+from dints3d.bundle.handlers import refuse_existing_training, training_state_files
 from dints3d.bundle.runner import (
-    add_nproc_argument,
     bundle_folder,
     bundle_run,
     config_file,
@@ -41,14 +39,16 @@ TRAIN_DEVICES = ("auto", "cpu", "cuda")
 
 # ------------------------------------------------------------------------------------------------------------ train
 def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets: list[str] | tuple[str, ...] = (),
-          log: Path | None = None, nproc: int = 1, resume: bool | str = False, device: str = "auto") -> int:
+          log: Path | None = None, nproc: int = 1, resume: bool | str = False, device: str = "auto",
+          env: Mapping[str, str] | None = None) -> int:
     """Retrain the bundle's architecture (``configs/train.yaml``, with ``multi_gpu_train.yaml`` on ``nproc`` > 1
     processes) after :func:`preflight_training`.
 
     ``resume``: ``False`` refuses a bundle that already holds a training (checkpoints or ``model.pt``); ``True``
     continues one from its newest readable checkpoint, refusing changed settings (except
     :data:`dints3d.bundle.handlers.SAFE_TO_CHANGE`); ``"auto"`` does that when there is a checkpoint and starts fresh
-    otherwise. ``device``: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda`` (an error without one)."""
+    otherwise. ``device``: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda`` (an error without one). ``env``:
+    environment variables for the bundle run."""
     bundle = Path(bundle).absolute()
     train_yaml = config_file(bundle, "train.yaml")
     launcher(nproc)
@@ -60,7 +60,7 @@ def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets
             raise DintsError(work, "no datalist.json here; give the folder written by `dints3d prepare`")
         args += ["--work_dir", str(Path(work).absolute())]
     settings = train_settings(train_yaml, sets, work)
-    env = preflight_training(bundle, settings, nproc, device)
+    env = {**(env or {}), **preflight_training(bundle, settings, nproc, device)}
     mode = resume_mode(resume, bundle_folder(settings.get("ckpt_dir"), bundle))
     configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
     return bundle_run(bundle, configs, args + ["--resume_mode", mode] + override_args(sets), log, nproc, env)
@@ -201,29 +201,5 @@ def _check_cache_memory(settings: Mapping[str, Any]) -> None:
         raise DintsError("cache_rate", f"caching {min(float(rate), 1.0):g} of {cases} cases needs about "
                          f"{needed / 2**30:.1f} GiB of RAM, {available / 2**30:.1f} GiB available; lower it, e.g. "
                          f"--set cache_rate={fitting:g}")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    safe = ", ".join(key for key in SAFE_TO_CHANGE if key != "world_size")
-    parser.add_argument("bundle", help="bundle folder (written by `dints3d export`)")
-    parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
-                        help="continue the bundle's training from its newest readable checkpoint, refusing changed "
-                             f"settings except {safe} and the number of processes; `--resume auto` continues when "
-                             "there is a checkpoint and starts fresh otherwise. Without --resume a bundle that "
-                             "already holds a training (checkpoints or model.pt) is refused")
-    parser.add_argument("--work", help="prepared folder (datalist.json) instead of the one recorded in the bundle")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="bundle config override, e.g. num_iterations=2000 or amp=false (repeatable)")
-    parser.add_argument("--device", choices=TRAIN_DEVICES, default="auto",
-                        help="auto (a GPU if there is one), cpu, or cuda (an error without a GPU); default auto")
-    add_nproc_argument(parser, "train data-parallel (torchrun + configs/multi_gpu_train.yaml)")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    resume = {None: False, "yes": True, "auto": "auto"}[args.resume]
-    status = train(args.bundle, args.work, args.sets, nproc=args.nproc, resume=resume, device=args.device)
-    if status == 0:
-        print(f"trained: {Path(args.bundle) / 'models' / 'model.pt'} (best validation score)")
-    return status
 
 

@@ -23,8 +23,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dints3d.cost.memory import DEVICES, meta_network, predict_training_memory
+from dints3d.data.fingerprint import read_plan
+from dints3d.data.patch import per_axis, shown
 from dints3d.spaces.autodeeplab.network import AutoDeepLabNet, Cell
 from dints3d.spaces.base import Architecture
+from dints3d.spaces.baselines.networks import BASELINES
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 
@@ -122,8 +125,9 @@ def _check_input_size(arch: Architecture, input_size: Sequence[int]) -> None:
         return
     if len(input_size) != dims:
         raise DintsError("--input-size", f"needs {dims} sides for a {dims}-D architecture")
-    if any(s <= 0 or s % divisor for s in input_size):
-        raise DintsError("--input-size", f"every side must be a positive multiple of {divisor}, got {list(input_size)}")
+    if any(s <= 0 or s % d for s, d in zip(input_size, per_axis(divisor, dims))):
+        raise DintsError("--input-size", f"every side must be a positive multiple of {shown(divisor)}, got "
+                         f"{list(input_size)}")
 
 
 def describe(arch: Architecture, input_size: Sequence[int] = (96, 96, 96), in_channels: int = 1, classes: int = 3,
@@ -171,7 +175,9 @@ def format_text(name: str, facts: dict) -> str:
     mem = facts["memory"]
     b = mem["bytes"]
     size = "x".join(map(str, facts["input_size"]))
-    if "num_depths" in facts:
+    if "network" in facts:
+        shape = f", {facts['network']}, {facts['spatial_dims']}-D"
+    elif "num_depths" in facts:
         shape = (f", {facts['num_blocks']} blocks x {facts['num_depths']} depths, {facts['spatial_dims']}-D, "
                  f"searched at channel_mul {facts['channel_mul_search']}")
     elif "network_path" in facts:
@@ -214,9 +220,14 @@ def format_text(name: str, facts: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("arch", metavar="ARCH_OR_PRESET",
-                        help="an arch.json file or a preset name (e.g. dints-cvpr, autodeeplab-s)")
+                        help="an arch.json file, a preset name (e.g. dints-cvpr, autodeeplab-s) or a baseline "
+                             "(segresnet, dynunet: planned for --work's task, else for --input-size and --spacing)")
     parser.add_argument("--input-size", type=int, nargs="+", default=None,
-                        help="patch size (default 96 96 96; Auto-DeepLab: 1024 2048)")
+                        help="patch size (default: --work's plan, else 96 96 96; Auto-DeepLab: 1024 2048)")
+    parser.add_argument("--work", help="a prepared task (plan.json): its patch, channels and classes are the defaults, "
+                                       "and baselines are planned for it")
+    parser.add_argument("--spacing", type=float, nargs="+", default=None,
+                        help="target spacing in mm a baseline is planned for without --work (default 1 per axis)")
     parser.add_argument("--in-channels", type=int, default=None, help="image channels (default 1; Auto-DeepLab: 3)")
     parser.add_argument("--classes", type=int, default=None,
                         help="output classes incl. background (default 3; Auto-DeepLab: 19)")
@@ -231,8 +242,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    arch = load_architecture(args.arch)
+    plan = read_plan(args.work) if args.work is not None else None
+    if plan is None and args.arch in BASELINES:
+        size = args.input_size or SPACE_DEFAULTS["dints"][0]
+        spacing = args.spacing or [1.0] * len(size)
+        if len(spacing) != len(size) or min(spacing) <= 0:
+            raise DintsError("--spacing", f"needs {len(size)} positive spacings (one per side of --input-size)")
+        plan = {"name": "describe", "patch_size": list(size), "target_spacing": spacing}
+    arch = load_architecture(args.arch, plan)
     size, channels, classes = SPACE_DEFAULTS.get(arch.space, SPACE_DEFAULTS["dints"])
+    if plan is not None and "in_channels" in plan:
+        size, channels, classes = plan["patch_size"], int(plan["in_channels"]), int(plan["out_channels"])
     args.input_size = size if args.input_size is None else args.input_size
     args.in_channels = channels if args.in_channels is None else args.in_channels
     args.classes = classes if args.classes is None else args.classes

@@ -19,9 +19,10 @@ def dice_ce_loss() -> DiceCELoss:
 
 class DeepSupervised(nn.Module):
     """``loss`` for networks with several output heads in training, through MONAI's ``DeepSupervisionLoss``
-    (weights 1, ½, ¼, … from the finest head, the label resized to each head): a list of logits (``SegResNetDS``) or
-    heads stacked on dim 1 (``DynUNet``: ``B heads K [spatial]``). A single ``B K [spatial]`` tensor is scored by
-    ``loss`` alone, so any network can be trained with it."""
+    (weights 1, ½, ¼, … from the finest head, the label resized to each head), normalised to sum to 1 as nnU-Net
+    does, so the loss keeps the scale of one head's: a list of logits (``SegResNetDS``) or heads stacked on dim 1
+    (``DynUNet``: ``B heads K [spatial]``). A single ``B K [spatial]`` tensor is scored by ``loss`` alone, so any
+    network can be trained with it."""
 
     def __init__(self, loss: nn.Module):
         super().__init__()
@@ -33,7 +34,8 @@ class DeepSupervised(nn.Module):
             output = list(torch.unbind(output, dim=1))
         if torch.is_tensor(output):
             return self.loss(output, label)  # as is: MONAI's wrapper would copy the logits to float32 first
-        return self.heads(output, label)
+        total = sum(self.heads.get_weights(levels=len(output)))
+        return self.heads(output, label.float()) / total  # MONAI resizes the label per head: nearest needs floats
 
 
 def segmentation_loss(plan: Mapping) -> nn.Module:

@@ -49,8 +49,16 @@ class Tissues:
     ct: bool
 
 
-def _tissues(rng: np.random.Generator, modalities: list[str], classes: int) -> Tissues:
+def _tissues(rng: np.random.Generator, modalities: list[str], classes: int, anatomy: str = "abdomen") -> Tissues:
     n = FIRST_CLASS + classes
+    if anatomy == "brain" and modalities != ["CT"]:
+        # rows OUTSIDE, scalp, skull, CSF, grey matter, white matter, nuclei; T1-like and T2-like contrasts alternate
+        t1 = np.array([0.0, 0.8, 0.1, 0.15, 0.45, 0.7, 0.55])
+        t2 = np.array([0.0, 0.6, 0.1, 1.0, 0.6, 0.35, 0.5])
+        body = rng.uniform(250.0, 450.0, len(modalities))
+        rows = np.stack([(t1 if m % 2 == 0 else t2) for m in range(len(modalities))], axis=1)
+        mean = np.concatenate([rows, np.repeat(rows[-1:], max(0, n - len(rows)), axis=0)])[:n] * body
+        return Tissues(mean, 0.05 * body, 0.03 * body, ct=False)
     if modalities == ["CT"]:
         mean = np.empty((n, 1))
         mean[[OUTSIDE, BODY, BONE], 0] = (-1000.0, 50.0, 700.0)
@@ -140,6 +148,43 @@ def _tissue_map(rng: np.random.Generator, grid: list[np.ndarray], shape: tuple[i
     return tissue
 
 
+def _brain_map(rng: np.random.Generator, grid: list[np.ndarray], shape: tuple[int, ...], spacing: np.ndarray,
+               classes: int) -> np.ndarray:
+    """Tissue index per voxel [X, Y, Z] of a head: scalp (BODY), skull (BONE), cerebrospinal fluid and ventricles
+    (CLUTTER), cortical grey matter (class 1) as a ribbon about 2.5 mm thick along a folded surface (gyri and sulci
+    of about 12 mm: one voxel or less across thick slices), white matter (class 2) inside it; further classes are
+    deep grey-matter nuclei."""
+    fov = np.array(shape) * spacing
+    head = np.array([0.47, 0.47, 0.47]) * fov
+    tissue = _ellipsoid(grid, (0, 0, 0), head, 0.02 * _wobble(rng, grid, fov.min())).astype(np.uint8)
+    tissue[_ellipsoid(grid, (0, 0, 0), 0.93 * head) & (tissue > 0)] = BONE
+    tissue[_ellipsoid(grid, (0, 0, 0), 0.88 * head) & (tissue > 0)] = CLUTTER  # cerebrospinal fluid
+    brain = 0.78 * head
+    scale = float(brain.mean())
+    # the pial surface at normalised radius 1 + folds; mm from it measured radially (about the true distance)
+    radius = np.sqrt(sum((g / a) ** 2 for g, a in zip(grid, brain)))
+    field = 0.7 * _wobble(rng, grid, 12.0, waves=8) + 0.3 * _wobble(rng, grid, 25.0, waves=4)
+    folds = rng.uniform(2.5, 3.5) / scale * field / max(float(field.std()), 1e-6)  # about ±6 mm at the extremes
+    depth = (radius - 1.0 - folds) * scale  # mm outside (> 0) or inside (< 0) the folded surface
+    thickness = rng.uniform(2.2, 2.8)  # mm of cortex
+    tissue[(depth < 0) & (depth > -thickness) & (tissue > 0)] = FIRST_CLASS
+    inner = depth <= -thickness
+    tissue[inner] = FIRST_CLASS + 1 if classes >= 2 else FIRST_CLASS
+    for side in (-1, 1):  # lateral ventricles
+        center = np.array([side * 0.11, 0.05, 0.05]) * fov
+        tissue[_ellipsoid(grid, center, np.array([0.045, 0.15, 0.07]) * fov) & inner] = CLUTTER
+    for k in range(3, classes + 1):  # deep grey-matter nuclei
+        angle = 2 * np.pi * k / max(classes - 2, 1) + rng.uniform(-0.3, 0.3)
+        center = np.array([0.17 * np.cos(angle), 0.17 * np.sin(angle), rng.uniform(-0.1, 0.1)]) * fov
+        tissue[_ellipsoid(grid, center, np.array([0.05, 0.07, 0.08]) * fov) & inner] = FIRST_CLASS + k - 1
+    return tissue
+
+
+#: --anatomy → (tissue map, class names): ``abdomen`` an organ with a lesion (CT-like with one modality), ``brain``
+#: thin, convoluted grey matter around white matter (MR-like)
+ANATOMIES = {"abdomen": ("organ", "lesion"), "brain": ("grey matter", "white matter")}
+
+
 def _bias(rng: np.random.Generator, grid: list[np.ndarray], fov: np.ndarray) -> np.ndarray:
     """A smooth quadratic field [X, Y, Z] of unit scale, different per case (scanner drift / coil bias)."""
     u = [2 * g / f for g, f in zip(grid, fov)]
@@ -149,12 +194,12 @@ def _bias(rng: np.random.Generator, grid: list[np.ndarray], fov: np.ndarray) -> 
 
 
 def synth_case(rng: np.random.Generator, shape: tuple[int, ...], spacing: np.ndarray, tissues: Tissues,
-               classes: int) -> tuple[np.ndarray, np.ndarray]:
+               classes: int, anatomy: str = "abdomen") -> tuple[np.ndarray, np.ndarray]:
     """One case: image [X, Y, Z] (CT, int16 HU) or [X, Y, Z, M] (MRI, float32 ≥ 0) and label [X, Y, Z] uint8."""
     grid = [((np.arange(n) - (n - 1) / 2) * s).astype(np.float32).reshape([-1 if i == a else 1 for i in range(3)])
             for a, (n, s) in enumerate(zip(shape, spacing))]
     fov = np.array(shape) * spacing
-    tissue = _tissue_map(rng, grid, shape, spacing, classes)
+    tissue = (_brain_map if anatomy == "brain" else _tissue_map)(rng, grid, shape, spacing, classes)
     label = np.where(tissue >= FIRST_CLASS, tissue - (FIRST_CLASS - 1), 0).astype(np.uint8)
 
     mean = tissues.mean * rng.uniform(0.97, 1.03, tissues.mean.shape)
@@ -184,7 +229,8 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def make_msd_task(out: str | Path, cases: int = 8, test_cases: int = 2, classes: int = 2, modalities: int = 1,
-                  anisotropic: bool = False, size: int = 48, seed: int = 0, name: str = "Synthetic") -> Path:
+                  anisotropic: bool = False, size: int = 48, seed: int = 0, name: str = "Synthetic",
+                  anatomy: str = "abdomen") -> Path:
     """Write an MSD-format task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/``) to ``out``.
 
     Images are ``<name lower>_<nnn>.nii.gz``: 3D for one modality (CT), 4D [X, Y, Z, M] otherwise; labels 3D uint8.
@@ -195,11 +241,13 @@ def make_msd_task(out: str | Path, cases: int = 8, test_cases: int = 2, classes:
         raise DintsError(out, "need cases ≥ 1, test cases ≥ 0, classes ≥ 1 and modalities ≥ 1")
     if size < 16:
         raise DintsError(out, f"size must be ≥ 16 voxels, got {size}")
+    if anatomy not in ANATOMIES:
+        raise DintsError(out, f"anatomy must be one of {', '.join(ANATOMIES)}, got '{anatomy}'")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DintsError(out, "already exists and is not an empty folder; choose another --out")
     names = modality_names(modalities)
     dataset_seq, *case_seqs = np.random.SeedSequence(seed).spawn(1 + cases + test_cases)
-    tissues = _tissues(np.random.default_rng(dataset_seq), names, classes)
+    tissues = _tissues(np.random.default_rng(dataset_seq), names, classes, anatomy)
     prefix = name.lower()
     for folder in ("imagesTr", "labelsTr", "imagesTs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -209,7 +257,7 @@ def make_msd_task(out: str | Path, cases: int = 8, test_cases: int = 2, classes:
         rng = np.random.default_rng(seq)
         shape, spacing = _case_geometry(rng, size, anisotropic)
         affine = _lps_affine(rng, shape, spacing)
-        image, label = synth_case(rng, shape, spacing, tissues, classes)
+        image, label = synth_case(rng, shape, spacing, tissues, classes, anatomy)
         file = f"{prefix}_{index:03d}.nii.gz"
         if index < cases:
             _save_nifti(image, affine, out / "imagesTr" / file)
@@ -219,13 +267,15 @@ def make_msd_task(out: str | Path, cases: int = 8, test_cases: int = 2, classes:
             _save_nifti(image, affine, out / "imagesTs" / file)
             test.append(f"./imagesTs/{file}")
 
-    labels = {"0": "background", "1": "organ"}
+    first, second = ANATOMIES[anatomy]
+    labels = {"0": "background", "1": first}
     if classes >= 2:
-        labels["2"] = "lesion"
-    labels.update({str(k): f"organ{k - 1}" for k in range(3, classes + 1)})
+        labels["2"] = second
+    labels.update({str(k): f"{'nucleus' if anatomy == 'brain' else 'organ'}{k - 2 if anatomy == 'brain' else k - 1}"
+                   for k in range(3, classes + 1)})
     write_json(out / "dataset.json", {
         "name": name,
-        "description": f"dints3d synthetic task (seed {seed}, size {size}, anisotropic {anisotropic})",
+        "description": f"dints3d synthetic {anatomy} task (seed {seed}, size {size}, anisotropic {anisotropic})",
         "reference": "generated by dints3d synth",
         "licence": "CC0",
         "tensorImageSize": "3D" if modalities == 1 else "4D",
@@ -252,12 +302,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int,
                         help="msd: approximate in-plane side in voxels (default: 48); cityscapes: image height, "
                              "width twice that (default: 64)")
+    parser.add_argument("--anatomy", choices=sorted(ANATOMIES),
+                        help="msd only: abdomen (an organ with a lesion; default) or brain (thin, convoluted grey "
+                             "matter around white matter; use with --modalities 2 --anisotropic for an MR-like task)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("classes", args.classes), ("modalities", args.modalities), ("size", args.size),
-                                 ("anisotropic", args.anisotropic or None)) if v is not None}
+                                 ("anisotropic", args.anisotropic or None), ("anatomy", args.anatomy))
+               if v is not None}
     # each format's writer takes out, cases, test_cases, seed and those other options that apply to it
     fmt = format_named(args.format)
     out = fmt.stage("synthesize")(args.out, cases=args.cases, test_cases=args.test_cases, seed=args.seed, **options)

@@ -20,6 +20,7 @@ import math
 import os
 import zlib
 from pathlib import Path
+from typing import Mapping
 
 import nibabel as nib
 import numpy as np
@@ -169,14 +170,15 @@ def summarize(rows: list[dict], class_names: dict[int, str]) -> dict:
     return {"classes": per_class, "mean_foreground_dice": float(np.mean(means)) if means else None}
 
 
-def _csv_text(rows: list[dict], class_names: dict[int, str]) -> str:
+def csv_text(rows: list[dict], class_names: dict[int, str], first: tuple[str, ...] = ()) -> str:
+    """The rows as CSV: ``first`` columns (keys of every row), then :data:`CSV_COLUMNS`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow((*first, *CSV_COLUMNS))
     for r in rows:
         values = {**r, "class_name": class_names[r["class"]]}
         values.update({m: "" if math.isnan(r[m]) else f"{r[m]:.6g}" for m in METRICS})
-        writer.writerow([values[col] for col in CSV_COLUMNS])
+        writer.writerow([values[col] for col in (*first, *CSV_COLUMNS)])
     return buffer.getvalue()
 
 
@@ -193,7 +195,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, label_dir: str | os.PathLike, 
                      dataset_json: str | os.PathLike | None = None, nsd_tolerance_mm: float = 1.0) -> dict:
     """Score every prediction in ``pred_dir`` against ``label_dir``; write ``metrics.csv`` and ``summary.json`` to
     ``out_dir``; return the summary. Labels without a prediction are skipped (listed in the summary)."""
-    pred_dir, label_dir, out_dir = Path(pred_dir), Path(label_dir), Path(out_dir)
+    pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     if not nsd_tolerance_mm > 0:
         raise DintsError("--nsd-tolerance", "must be a positive distance in mm")
     preds = find_cases(pred_dir, recursive=True, strip_suffixes=PREDICTION_SUFFIXES)
@@ -204,6 +206,34 @@ def evaluate_folders(pred_dir: str | os.PathLike, label_dir: str | os.PathLike, 
         if name not in labels:
             raise DintsError(path, f"no label for case '{name}' in {label_dir}")
     known = class_names_from_dataset_json(Path(dataset_json)) if dataset_json is not None else None
+    return evaluate_cases(preds, labels, out_dir, known, nsd_tolerance_mm, str(dataset_json),
+                          {"pred_dir": os.fspath(pred_dir), "label_dir": os.fspath(label_dir)})
+
+
+def evaluate_cases(preds: Mapping[str, Path], labels: Mapping[str, Path], out_dir: str | os.PathLike,
+                   known: dict[int, str] | None = None, nsd_tolerance_mm: float = 1.0,
+                   known_source: str = "the task's classes", about: Mapping | None = None) -> dict:
+    """Score the prediction of every case in ``preds`` (case → file) against ``labels[case]``; write
+    ``metrics.csv`` and ``summary.json`` (with ``about`` in front) to ``out_dir``; return the summary. ``known``:
+    class index → name, read from ``known_source`` (no other value may occur); otherwise classes are named by index."""
+    rows, class_names = score_cases(preds, labels, known, nsd_tolerance_mm, known_source)
+    summary = {
+        "version": 1,
+        **(about or {}),
+        "num_cases": len(preds),
+        "nsd_tolerance_mm": nsd_tolerance_mm,
+        **summarize(rows, class_names),
+        "labels_without_prediction": sorted(set(labels) - set(preds)),
+    }
+    write_text(Path(out_dir) / "metrics.csv", csv_text(rows, class_names))
+    write_json(Path(out_dir) / "summary.json", summary)
+    return summary
+
+
+def score_cases(preds: Mapping[str, Path], labels: Mapping[str, Path], known: dict[int, str] | None = None,
+                nsd_tolerance_mm: float = 1.0, known_source: str = "the task's classes"
+                ) -> tuple[list[dict], dict[int, str]]:
+    """One row per case and class (``CSV_COLUMNS``), sorted, and the class names (index → name)."""
     scorer = CaseScorer(nsd_tolerance_mm)
     rows: list[dict] = []
     seen: set[int] = set()
@@ -217,7 +247,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, label_dir: str | os.PathLike, 
             for path, data in ((labels[name], label), (preds[name], pred)):
                 unknown = sorted({int(v) for v in np.unique(data)} - set(known) - {0})
                 if unknown:
-                    raise DintsError(path, f"contains labels {unknown} not in {dataset_json}")
+                    raise DintsError(path, f"contains labels {unknown} not in {known_source}")
         seen |= values
         spacing = [float(s) for s in nib.affines.voxel_sizes(label_affine)[: label.ndim]]
         rows += score_case(name, pred, label, spacing, sorted(values), scorer)
@@ -227,18 +257,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, label_dir: str | os.PathLike, 
         rows += [{"case": name, "class": c, "gt_voxels": 0, "pred_voxels": 0, "dice": math.nan, "hd95_mm": math.nan,
                   "nsd": math.nan, "status": "absent_in_gt"} for c in class_names if (name, c) not in scored]
     rows.sort(key=lambda r: (r["case"], r["class"]))
-    summary = {
-        "version": 1,
-        "pred_dir": os.fspath(pred_dir),
-        "label_dir": os.fspath(label_dir),
-        "num_cases": len(preds),
-        "nsd_tolerance_mm": nsd_tolerance_mm,
-        **summarize(rows, class_names),
-        "labels_without_prediction": sorted(set(labels) - set(preds)),
-    }
-    write_text(out_dir / "metrics.csv", _csv_text(rows, class_names))
-    write_json(out_dir / "summary.json", summary)
-    return summary
+    return rows, class_names
 
 
 #: ``--format`` → the task format whose predictions are scored

@@ -33,16 +33,17 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def load_architecture(path_or_preset: str | os.PathLike, plan: Mapping | None = None) -> Architecture:
+def load_architecture(path_or_preset: str | os.PathLike, plan: Mapping | None = None,
+                      deep_supervision: bool = True) -> Architecture:
     """Read an ``arch.json`` file, a packaged preset by name (e.g. ``dints-cvpr``), or a baseline by name
-    (``segresnet``, ``dynunet``: sized for ``plan``)."""
+    (``segresnet``, ``dynunet``: sized for ``plan``, with output heads on coarser levels if ``deep_supervision``)."""
     path = Path(path_or_preset)
     if not path.exists():
         preset = PRESET_DIR / f"{path_or_preset}.json"
         if os.fspath(path_or_preset) in BASELINES:
             if plan is None:
                 raise DintsError(path_or_preset, "a baseline is sized from a prepared task's plan (give --work)")
-            return plan_baseline(os.fspath(path_or_preset), plan)
+            return plan_baseline(os.fspath(path_or_preset), plan, deep_supervision)
         if preset.exists():
             path = preset
         else:

@@ -1,0 +1,212 @@
+"""What the search ships against what a user gets without searching: K-fold cross-validation of every candidate
+architecture with the same recipe, iterations and patch, on synthetic tasks of different character.
+
+Tasks (``dints3d synth``): ``ct`` (one CT-like channel, an organ with a lesion) and ``brain`` (two MR-like channels,
+anisotropic 0.8 × 0.8 × 2.6–4 mm voxels, a thin convoluted grey-matter ribbon around white matter).
+
+Candidates, for each fold k (their models are trained on fold k's training cases, scored on its validation cases):
+
+- ``searched``: a DiNTS search on fold k's two training halves (``data.fold = k``), retrained at ``train.channel_mul``;
+- ``dints-cvpr``: the paper's architecture, sized to the searched network's predicted training memory;
+- ``segresnet`` / ``dynunet``: MONAI's SegResNetDS and the nnU-Net-planned DynUNet at their default width, and
+  sized to the searched network's predicted memory (``@mem``, ±5 %: :func:`dints3d.cost.sizing.channel_mul_for_memory`);
+- ``… (dints recipe)``: the searched network and SegResNet trained with the DiNTS paper's recipe instead of nnU-Net's.
+
+Reported per candidate: Dice per class over the out-of-fold cases (mean ± sd over folds of the fold means), the mean
+foreground Dice, parameters, predicted training peak (CUDA rule, AMP, batch as trained), training wall time per fold
+on this machine. Every stage is skipped when its output exists (rerun to resume). Prints a markdown table per task
+and, last, one JSON line; writes ``OUT/<task>/results.json`` and ``OUT/results.md``.
+
+    python bench/accuracy.py --out runs/accuracy [--tasks ct brain] [--folds 5] [--iterations 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dints3d.bundle.crossval import fold_dir, predict_out_of_fold, score_predictions, train_folds
+from dints3d.bundle.export import export_bundle
+from dints3d.config import config_path, load_config
+from dints3d.cost.sizing import channel_mul_for_memory, peak_bytes
+from dints3d.data.prepare import prepare
+from dints3d.data.synthetic import make_msd_task
+from dints3d.search.loop import SearchRun
+from dints3d.spaces.factory import load_architecture
+from dints3d.utils.io import read_json, write_json, write_text
+from dints3d.utils.runtime import init_runtime
+
+#: patches per training step: train.batch_size volumes × data.num_samples patches each (as the bundle trains)
+PATCHES_PER_STEP = 4
+
+TASKS = {
+    "ct": {"modalities": 1, "anisotropic": False, "anatomy": "abdomen"},
+    "brain": {"modalities": 2, "anisotropic": True, "anatomy": "brain"},
+}
+
+
+def settings(args: argparse.Namespace, fold: int) -> list[str]:
+    """The run's config overrides (on top of configs/demo.yaml) for fold ``fold``."""
+    return [
+        "device=cpu", f"seed={args.seed}", f"data.fold={fold}", "data.num_samples=2", "data.batch_size=1",
+        "data.patch_size=null", f"dints.num_blocks={args.blocks}", "dints.num_depths=3", "dints.channel_mul=0.25",
+        f"search.iterations={args.search_iterations}", f"search.val_interval={args.search_iterations}",
+        f"search.checkpoint_interval={args.search_iterations}", "search.amp=false",
+        f"train.iterations={args.iterations}", f"train.val_interval={max(1, args.iterations // 4)}",
+        "train.batch_size=2", "train.amp=false", f"train.channel_mul={args.channel_mul}",
+    ]
+
+
+def searched(args: argparse.Namespace, root: Path, work: Path, fold: int) -> Path:
+    """Fold ``fold``'s searched architecture (``root/search/fold<k>/arch.json``), searching if it is not there."""
+    out = root / "search" / f"fold{fold}"
+    if not (out / "arch.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = load_config(config_path("demo"), settings(args, fold))
+        runtime = init_runtime("cpu")
+        run = SearchRun(cfg, work, out, runtime)
+        try:
+            run.run()
+        finally:
+            run.close()
+    return out / "arch.json"
+
+
+def candidates(args: argparse.Namespace, work: Path, arch_file: Path) -> dict[str, dict]:
+    """Candidate name → architecture source, channel_mul and recipe, sized against the searched network."""
+    plan = read_json(work / "plan.json")
+    channels, classes, patch = int(plan["in_channels"]), int(plan["out_channels"]), plan["patch_size"]
+    target = peak_bytes(load_architecture(arch_file), channels, classes, patch, args.channel_mul, PATCHES_PER_STEP, True)
+    out = {"searched": {"arch": str(arch_file), "channel_mul": args.channel_mul, "recipe": "nnunet"},
+           "searched (dints recipe)": {"arch": str(arch_file), "channel_mul": args.channel_mul, "recipe": "dints"}}
+    for name in ("dints-cvpr", "segresnet", "dynunet"):
+        arch = load_architecture(name, plan)
+        mul, _ = channel_mul_for_memory(arch, channels, classes, patch, target, batch=PATCHES_PER_STEP, amp=True)
+        out[f"{name} @mem"] = {"arch": name, "channel_mul": mul, "recipe": "nnunet"}
+    for name in ("segresnet", "dynunet"):
+        out[f"{name} default"] = {"arch": name, "channel_mul": 1.0, "recipe": "nnunet"}
+    out["segresnet default (dints recipe)"] = {"arch": "segresnet", "channel_mul": 1.0, "recipe": "dints"}
+    return out
+
+
+def run_fold(args: argparse.Namespace, root: Path, work: Path, fold: int, name: str, spec: dict) -> dict:
+    """Export, train fold ``fold`` and predict its validation cases; the bundle's facts and training time."""
+    bundle = root / "bundles" / name.replace(" ", "_").replace("(", "").replace(")", "").replace("@", "at_") / \
+        f"fold{fold}"
+    overrides = settings(args, fold) + [f"train.channel_mul={spec['channel_mul']}", f"train.recipe={spec['recipe']}"]
+    if not (bundle / "configs" / "train.yaml").is_file():
+        export_bundle(spec["arch"], work, bundle, load_config(config_path("demo"), overrides), force=True)
+    timing = bundle / "timing.json"
+    if not timing.is_file() or not (fold_dir(bundle, fold) / "model.pt").is_file():
+        start = time.perf_counter()
+        status = train_folds(bundle, [fold], sets=["sw_overlap=0.25"], resume="auto", device="cpu")
+        if status.get(fold, 0) != 0:
+            raise SystemExit(f"{name} fold {fold}: training failed (see {bundle}/logs)")
+        write_json(timing, {"seconds": time.perf_counter() - start})
+    predict_out_of_fold(bundle, [fold], sets=["sw_overlap=0.25"])
+    plan = read_json(work / "plan.json")
+    arch = load_architecture(bundle / "models" / "arch.json")
+    channels, classes = int(plan["in_channels"]), int(plan["out_channels"])
+    model = arch.build(channels, classes, channel_mul=spec["channel_mul"])
+    return {"bundle": bundle, "seconds": read_json(timing)["seconds"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "peak_bytes": peak_bytes(arch, channels, classes, plan["patch_size"], spec["channel_mul"], PATCHES_PER_STEP,
+                                    True)}
+
+
+def task_results(args: argparse.Namespace, task: str) -> dict:
+    root = args.out / task
+    work = root / "work"
+    if not (work / "plan.json").is_file():
+        make_msd_task(root / "task", cases=args.cases, test_cases=0, size=args.size, seed=args.seed, **TASKS[task]) \
+            if not (root / "task" / "dataset.json").is_file() else None
+        # patches a multiple of 32, so that dints-cvpr's 4 resolutions fit the same patch as every other candidate
+        config = load_config(config_path("demo"), [*settings(args, 0), "plan.patch_divisor=32"])
+        prepare(root / "task", work, folds=args.folds, seed=args.seed, config=config, progress=False)
+    datalist = read_json(work / "datalist.json")
+    per_fold: dict[str, list[dict]] = {}
+    for fold in range(args.folds):
+        arch_file = searched(args, root, work, fold)
+        for name, spec in candidates(args, work, arch_file).items():
+            result = run_fold(args, root, work, fold, name, spec)
+            per_fold.setdefault(name, []).append({**spec, **result, "fold": fold})
+            print(f"{task} fold {fold} {name}: trained in {result['seconds']:.0f} s", flush=True)
+    rows = {}
+    for name, folds in per_fold.items():
+        preds, fold_of = {}, {}
+        for entry in folds:
+            for path in (entry["bundle"] / "cv" / "predictions").glob("*_seg.nii.gz"):
+                case = path.name[: -len("_seg.nii.gz")]
+                preds[case], fold_of[case] = path, entry["fold"]
+        summary = score_predictions(preds, fold_of, work, root / "scores" / name.replace(" ", "_"))
+        classes = {c["name"]: [f["dice"][key] for f in summary["per_fold"].values()]
+                   for key, c in summary["classes"].items()}
+        rows[name] = {
+            "dice": {cls: _spread(values) for cls, values in classes.items()},
+            "mean_foreground_dice": summary["fold_mean_dice"],
+            "parameters": statistics.mean(f["parameters"] for f in folds),
+            "peak_gib": statistics.mean(f["peak_bytes"] for f in folds) / 2**30,
+            "seconds_per_fold": statistics.mean(f["seconds"] for f in folds),
+            "channel_mul": [f["channel_mul"] for f in folds], "recipe": folds[0]["recipe"],
+        }
+    result = {"task": task, "cases": len(datalist["training"]), "folds": args.folds, "iterations": args.iterations,
+              "search_iterations": args.search_iterations, "patch": read_json(work / "plan.json")["patch_size"],
+              "rows": rows}
+    write_json(root / "results.json", result)
+    return result
+
+
+def _spread(values: list) -> dict:
+    finite = [v for v in values if v is not None]
+    return {"mean": statistics.mean(finite) if finite else None,
+            "sd": statistics.stdev(finite) if len(finite) > 1 else 0.0}
+
+
+def table(result: dict) -> str:
+    classes = list(next(iter(result["rows"].values()))["dice"])
+    head = ["network", *[f"Dice {c}" for c in classes], "mean fg Dice", "parameters", "pred. peak (GiB)",
+            "train s/fold"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = max(r["mean_foreground_dice"]["mean"] or 0 for r in result["rows"].values())
+    for name, r in sorted(result["rows"].items(), key=lambda kv: -(kv[1]["mean_foreground_dice"]["mean"] or 0)):
+        mean = r["mean_foreground_dice"]
+        cells = [f"{d['mean']:.3f} ± {d['sd']:.3f}" for d in r["dice"].values()]
+        overall = f"{mean['mean']:.3f} ± {mean['std']:.3f}"
+        lines.append("| " + " | ".join([name, *cells, f"**{overall}**" if mean["mean"] == best else overall,
+                                         f"{r['parameters'] / 1e6:.2f} M", f"{r['peak_gib']:.2f}",
+                                         f"{r['seconds_per_fold']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--cases", type=int, default=20)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--size", type=int, default=48, help="synthetic volume side (voxels)")
+    parser.add_argument("--iterations", type=int, default=300, help="training iterations of every candidate")
+    parser.add_argument("--search-iterations", type=int, default=120)
+    parser.add_argument("--blocks", type=int, default=4, help="DiNTS layers searched")
+    parser.add_argument("--channel-mul", type=float, default=0.5, help="retraining width of the searched network")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = [task_results(args, task) for task in args.tasks]
+    text = "\n\n".join(f"### {r['task']}: {r['cases']} cases, {r['folds']}-fold CV, {r['iterations']} iterations, "
+                       f"patch {r['patch']}\n\n{table(r)}" for r in results)
+    write_text(args.out / "results.md", text + "\n")
+    print(text)
+    print(json.dumps({"bench": "accuracy", "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
