@@ -1,42 +1,108 @@
-"""Test-wide settings: one CPU thread (tiny tensors run fastest single-threaded, and CI machines are shared)."""
+"""Test-wide settings (one CPU thread: tiny tensors run fastest single-threaded, and CI machines are shared) and the
+fixtures tests in several folders share: synthetic MSD and Cityscapes tasks, raw or prepared, each built once per
+session for each distinct set of options, and the tiny config overrides. Helpers and constants tests import are in
+support.py."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import inspect  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 import torch  # noqa: E402
+from support import PreparedTask, TinyConfig  # noqa: E402
+
+from dints3d.cityscapes.synthetic import make_cityscapes_task  # noqa: E402
+from dints3d.config import config_path, load_config  # noqa: E402
+from dints3d.data.prepare import prepare  # noqa: E402
+from dints3d.data.synthetic import make_msd_task  # noqa: E402
 
 torch.set_num_threads(1)
 
 
-# --- Numerical comparisons that hold on any CPU ---------------------------------------------------------------------
-# Equivalence tests (ours against MONAI, a second implementation or brute force) compare in float64 where the ops
-# allow it: float32 results move with the CPU's kernels (oneDNN and ATen pick AVX-512, AVX2 or SSE4.1 code, which
-# sum in different orders), float64 results move ~2^29 times less. Comparisons that must stay float32 derive their
-# bound from the computation with fp32_sum_bound.
+def _built_once(tmp_path_factory, name: str, make: Callable[..., Path]) -> Callable[..., Path]:
+    """``make(folder, **options)`` that writes each distinct set of options (defaults filled in) once per session,
+    into a folder of its own; later calls with the same options return the same folder."""
+    signature, built = inspect.signature(make), {}
 
-#: Unit roundoff of float32 (half its machine epsilon): one rounding moves a value by at most U32·|value|.
-U32 = 2.0**-24
+    def build(**options) -> Path:
+        bound = signature.bind(None, **options)
+        bound.apply_defaults()
+        key = repr(sorted((k, v) for k, v in bound.arguments.items() if k != "out"))
+        if key not in built:
+            built[key] = make(tmp_path_factory.mktemp(name) / "task", **options)
+        return built[key]
 
-#: Bound on rel_error for float64 equivalence tests. In float32 these comparisons differ by up to ~1.4e-4 (fused-cell
-#: weight gradients against MONAI's, on an AVX-512 CPU); float64's unit roundoff is 2^-53 / 2^-24 ≈ 1.9e-9 times
-#: float32's, so the same summation-order effects give ≲ 3e-13 (observed ≤ 1.4e-14). 1e-10 leaves a margin of more than
-#: 300 over that, and is still ~10^7 below a real discrepancy (a missing term or a wrong scale is ≥ 1e-3).
-F64_RTOL = 1e-10
-
-
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max|actual − expected| / max|expected| (computed in float64): the difference relative to the scale of the
-    result, not per element, so entries that happen to be near zero need no hand-picked absolute tolerance."""
-    actual, expected = torch.as_tensor(actual).detach().double(), torch.as_tensor(expected).detach().double()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(torch.finfo(torch.float64).tiny))
+    return build
 
 
-def fp32_sum_bound(n: int) -> float:
-    """γ_n = n·u / (1 − n·u), u = 2^-24: a float32 sum (or dot product) of n terms, in any order and blocking, is
-    within γ_n·Σ|terms| of the exact sum (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.1).
-    Two float32 evaluations of the same sum, in different orders, are thus within 2·γ_n·Σ|terms| of each other."""
-    assert n * U32 < 0.5
-    return n * U32 / (1 - n * U32)
+@pytest.fixture(scope="session")
+def msd_task(tmp_path_factory) -> Callable[..., Path]:
+    """``msd_task(**options)``: the folder ``make_msd_task(folder, **options)`` wrote, once per session for each set of
+    options. Tests read it; a test that changes the task works on a copy."""
+    return _built_once(tmp_path_factory, "msd", make_msd_task)
+
+
+@pytest.fixture(scope="session")
+def prepared_task(msd_task, tmp_path_factory) -> Callable[..., PreparedTask]:
+    """``prepared_task(folds=K, **options)``: ``msd_task(**options)`` prepared with K folds (seed 0, default config),
+    once per session for each set of options."""
+    built = {}
+
+    def build(*, folds: int, **options) -> PreparedTask:
+        task = msd_task(**options)
+        if (task, folds) not in built:
+            work = tmp_path_factory.mktemp("msd_work") / "work"
+            built[task, folds] = PreparedTask(task, work, prepare(task, work, folds=folds, progress=False))
+        return built[task, folds]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def search_work(prepared_task) -> Path:
+    """The work folder the search tests run on: 6 training + 1 test CT-like cases of ~36 voxels a side, 3 folds
+    (2 validation cases per fold)."""
+    return prepared_task(folds=3, cases=6, test_cases=1, size=36, seed=3).work
+
+
+@pytest.fixture(scope="session")
+def small_task(prepared_task) -> PreparedTask:
+    """A small prepared task for tests of the files themselves (parsers, corrupted copies): 4 training + 1 test
+    cases of ~20 voxels a side, 2 folds."""
+    return prepared_task(folds=2, cases=4, test_cases=1, size=20, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cityscapes_task(tmp_path_factory) -> Callable[..., Path]:
+    """``cityscapes_task(**options)``: the folder ``make_cityscapes_task(folder, **options)`` wrote, once per session
+    for each set of options."""
+    return _built_once(tmp_path_factory, "cityscapes", make_cityscapes_task)
+
+
+@pytest.fixture(scope="session")
+def prepared_cityscapes(cityscapes_task, tmp_path_factory) -> Callable[..., PreparedTask]:
+    """``prepared_cityscapes(config=NAME, overrides=[...], **options)``: ``cityscapes_task(**options)`` prepared as
+    ``dints3d prepare --config NAME --set …`` does (seed 0; no config: the defaults), once per session for each set of
+    options."""
+    built = {}
+
+    def build(*, config: str | None = None, overrides: tuple[str, ...] | list[str] = (), **options) -> PreparedTask:
+        task, overrides = cityscapes_task(**options), tuple(overrides)
+        if (task, config, overrides) not in built:
+            cfg = load_config(config_path(config) if config else None, list(overrides))
+            work = tmp_path_factory.mktemp("cityscapes_work") / "work"
+            built[task, config, overrides] = PreparedTask(task, work, prepare(task, work, config=cfg, progress=False))
+        return built[task, config, overrides]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TinyConfig:
+    """Config overrides under which a stage runs in seconds on a CPU (support.TinyConfig)."""
+    return TinyConfig()

@@ -13,8 +13,7 @@ from dints3d.config import load_config
 from dints3d.data.dataset import load_plan
 from dints3d.data.fingerprint import PLAN_FIELDS, check_overrides, check_overrides_for_task, make_plan
 from dints3d.data.msd import read_task
-from dints3d.data.prepare import prepare, summary
-from dints3d.data.synthetic import make_msd_task
+from dints3d.data.prepare import summary
 from dints3d.spaces.dints.supernet import DintsSearchSpace
 from dints3d.spaces.factory import architecture_from_dict
 from dints3d.utils.errors import DintsError
@@ -66,8 +65,8 @@ def _must_be_clean(call):
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_msd_task(tmp_path_factory.mktemp("fuzz") / "task", cases=3, test_cases=1, size=20)
+def task(small_task):
+    return small_task.task
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +149,8 @@ plan_keys = st.sampled_from(PLAN_FIELDS) | st.text(max_size=8)
 
 
 @pytest.fixture(scope="module")
-def prepared(task, tmp_path_factory):
-    work = tmp_path_factory.mktemp("work")
-    return prepare(task, work, folds=2, progress=False), work
+def prepared(small_task):
+    return small_task.outputs, small_task.work
 
 
 def _outcome(call):

@@ -12,16 +12,10 @@ import torch
 
 from dints3d.cli import main
 from dints3d.config import load_config
-from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
 from dints3d.search.loop import SearchRun
 from dints3d.utils.checkpoint import load_checkpoint
 from dints3d.utils.errors import DintsError
 from dints3d.utils.runtime import init_runtime
-
-TINY = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125",
-        "data.patch_size=[32,32,32]", "data.num_samples=1", "data.max_cases=1", "search.iterations=6",
-        "search.val_interval=3", "search.checkpoint_interval=1", "search.val_overlap=0.0", "search.amp=false"]
 
 # Runs the CLI with a fault injected from outside the product code: the process SIGKILLs itself at a chosen point.
 KILLER = textwrap.dedent('''
@@ -51,15 +45,13 @@ KILLER = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel")
-    task = make_msd_task(root / "task", cases=6, test_cases=1, size=36, seed=7)
-    prepare(task, root / "work", folds=3, progress=False)
-    return root / "work"
+def settings(tiny):
+    """The tiny search on one case, with a checkpoint after every iteration (a kill anywhere has one to resume)."""
+    return tiny.search_with("data.max_cases=1", "search.checkpoint_interval=1")
 
 
-def _cli_args(work, out, *extra):
-    return ["search", "--work", str(work), "--out", str(out), *[a for o in TINY for a in ("--set", o)], *extra]
+def _cli_args(settings, work, out, *extra):
+    return ["search", "--work", str(work), "--out", str(out), *[a for o in settings for a in ("--set", o)], *extra]
 
 
 def _codes(path):
@@ -68,21 +60,21 @@ def _codes(path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(work, tmp_path_factory):
+def uninterrupted(search_work, settings, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
-    assert main(_cli_args(work, out)) == 0
+    assert main(_cli_args(settings, search_work, out)) == 0
     return out
 
 
 @pytest.mark.parametrize("point, at", [("checkpoint_write", 2), ("arch_step", 4), ("validation", 3)])
-def test_sigkill_then_resume_gives_the_uninterrupted_result(work, tmp_path, uninterrupted, point, at):
+def test_sigkill_then_resume_gives_the_uninterrupted_result(search_work, settings, tmp_path, uninterrupted, point, at):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", KILLER, point, str(at), *_cli_args(work, out)],
+    killed = subprocess.run([sys.executable, "-c", KILLER, point, str(at), *_cli_args(settings, search_work, out)],
                             capture_output=True, text=True, env=env, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "arch.json").exists()
-    resumed = subprocess.run([sys.executable, "-m", "dints3d", *_cli_args(work, out, "--resume")],
+    resumed = subprocess.run([sys.executable, "-m", "dints3d", *_cli_args(settings, search_work, out, "--resume")],
                              capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _codes(out / "arch.json") == _codes(uninterrupted / "arch.json")
@@ -93,30 +85,30 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(work, tmp_path, unin
     assert not list((out / "checkpoints").glob(".*.tmp"))
 
 
-def test_truncated_checkpoint_falls_back_to_previous_with_warning(work, tmp_path):
+def test_truncated_checkpoint_falls_back_to_previous_with_warning(search_work, settings, tmp_path):
     out = tmp_path / "run"
-    assert main(_cli_args(work, out, "--stop-after", "3")) == 0
+    assert main(_cli_args(settings, search_work, out, "--stop-after", "3")) == 0
     last = out / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.warns(UserWarning, match="previous checkpoint"):
-        assert main(_cli_args(work, out, "--resume")) == 0
+        assert main(_cli_args(settings, search_work, out, "--resume")) == 0
     assert (out / "arch.json").exists()
 
 
-def test_garbled_checkpoints_stop_with_one_line_naming_the_file(work, tmp_path, capsys):
+def test_garbled_checkpoints_stop_with_one_line_naming_the_file(search_work, settings, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_cli_args(work, out, "--stop-after", "2")) == 0
+    assert main(_cli_args(settings, search_work, out, "--stop-after", "2")) == 0
     for name in ("last.pt", "last.prev.pt"):
         (out / "checkpoints" / name).write_bytes(b"not a checkpoint")
     capsys.readouterr()
-    assert main(_cli_args(work, out, "--resume")) == 2
+    assert main(_cli_args(settings, search_work, out, "--resume")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "last.pt" in err[0] and "corrupt" in err[0]
 
 
-def test_cuda_out_of_memory_is_explained(work, tmp_path, monkeypatch):
-    cfg = load_config(None, TINY)
-    run = SearchRun(cfg, work, tmp_path / "oom", init_runtime("cpu"))
+def test_cuda_out_of_memory_is_explained(search_work, settings, tmp_path, monkeypatch):
+    cfg = load_config(None, settings)
+    run = SearchRun(cfg, search_work, tmp_path / "oom", init_runtime("cpu"))
 
     def exhausted(*_):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -129,11 +121,11 @@ def test_cuda_out_of_memory_is_explained(work, tmp_path, monkeypatch):
         run.close()
 
 
-def test_unwritable_output_and_full_disk_fail_before_work(work, tmp_path, monkeypatch):
+def test_unwritable_output_and_full_disk_fail_before_work(search_work, settings, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(DintsError, match="cannot write here"):
-        SearchRun(load_config(None, TINY), work, blocker / "run", init_runtime("cpu"))
+        SearchRun(load_config(None, settings), search_work, blocker / "run", init_runtime("cpu"))
 
     import shutil
     from collections import namedtuple
@@ -141,16 +133,16 @@ def test_unwritable_output_and_full_disk_fail_before_work(work, tmp_path, monkey
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10, 10, 0))
     with pytest.raises(DintsError, match="GiB free for the cache"):
-        SearchRun(load_config(None, [*TINY, f"data.cache_dir={tmp_path / 'cache'}"]), work, tmp_path / "r2",
-                  init_runtime("cpu"))
+        SearchRun(load_config(None, [*settings, f"data.cache_dir={tmp_path / 'cache'}"]), search_work,
+                  tmp_path / "r2", init_runtime("cpu"))
 
 
-def test_stale_temporary_files_are_removed(work, tmp_path):
+def test_stale_temporary_files_are_removed(search_work, settings, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     stale = out / "checkpoints" / ".last.pt.abc123.tmp"
     stale.write_bytes(b"half")
-    run = SearchRun(load_config(None, TINY), work, out, init_runtime("cpu"))
+    run = SearchRun(load_config(None, settings), search_work, out, init_runtime("cpu"))
     run.close()
     assert not stale.exists()
 
@@ -165,11 +157,11 @@ def test_stale_temporary_files_are_removed(work, tmp_path):
                                          "multiple of 16"),
     ],
 )
-def test_preflight_errors_are_one_line(work, tmp_path, capsys, overrides, expected):
+def test_preflight_errors_are_one_line(search_work, settings, tmp_path, capsys, overrides, expected):
     if "cuda" in overrides[0] and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    args = ["search", "--work", str(work), "--out", str(tmp_path / "run")]
-    for o in [*TINY, *overrides]:
+    args = ["search", "--work", str(search_work), "--out", str(tmp_path / "run")]
+    for o in [*settings, *overrides]:
         args += ["--set", o]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -216,33 +208,33 @@ def test_a_crash_anywhere_in_a_checkpoint_write_leaves_a_loadable_last_pt(tmp_pa
     assert int(torch.load(checkpoint.previous_path(path), weights_only=True)["n"]) in (1, 2)
 
 
-def test_only_the_previous_checkpoint_left_resumes_from_it_with_a_warning(work, tmp_path):
+def test_only_the_previous_checkpoint_left_resumes_from_it_with_a_warning(search_work, settings, tmp_path):
     """The state a kill between rotating last.pt away and renaming the new file in could leave (on a file system
     without hard links): only last.prev.pt. `--resume auto` resumes from it."""
     out = tmp_path / "run"
-    assert main(_cli_args(work, out, "--stop-after", "3")) == 0
+    assert main(_cli_args(settings, search_work, out, "--stop-after", "3")) == 0
     (out / "checkpoints" / "last.pt").replace(out / "checkpoints" / "last.prev.pt")
     with pytest.warns(UserWarning, match=r"last.pt is missing .*previous checkpoint"):
-        assert main(_cli_args(work, out, "--resume", "auto")) == 0
+        assert main(_cli_args(settings, search_work, out, "--resume", "auto")) == 0
     assert json.loads((out / "arch.json").read_text())["provenance"]["iteration"] == 6
 
 
-def test_garbled_last_checkpoint_falls_back_to_previous_with_warning(work, tmp_path):
+def test_garbled_last_checkpoint_falls_back_to_previous_with_warning(search_work, settings, tmp_path):
     out = tmp_path / "run"
-    assert main(_cli_args(work, out, "--stop-after", "3")) == 0
+    assert main(_cli_args(settings, search_work, out, "--stop-after", "3")) == 0
     last = out / "checkpoints" / "last.pt"
     data = bytearray(last.read_bytes())
     data[len(data) // 3 : len(data) // 3 + 4000] = os.urandom(4000)  # same size, garbage in the middle
     last.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=r"last.pt is unreadable .*previous checkpoint"):
-        assert main(_cli_args(work, out, "--resume")) == 0
+        assert main(_cli_args(settings, search_work, out, "--resume")) == 0
     assert (out / "arch.json").exists()
 
 
-def test_cuda_out_of_memory_during_validation_is_explained(work, tmp_path, monkeypatch):
+def test_cuda_out_of_memory_during_validation_is_explained(search_work, settings, tmp_path, monkeypatch):
     """An OOM in the sliding-window validation (no gradients) gets the one-line advice too, not a traceback."""
-    cfg = load_config(None, TINY)
-    run = SearchRun(cfg, work, tmp_path / "oom_val", init_runtime("cpu"))
+    cfg = load_config(None, settings)
+    run = SearchRun(cfg, search_work, tmp_path / "oom_val", init_runtime("cpu"))
     real = run.space.forward
 
     def exhausted_without_grad(x):

@@ -15,33 +15,32 @@ from dints3d.data.datalist import read_datalist
 from dints3d.data.fingerprint import FingerprintBuilder, ForegroundIntensity, patch_size, read_plan
 from dints3d.data.msd import load_image, load_label, read_task
 from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
 from dints3d.utils.errors import DintsError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(work: Path, name: str) -> dict:
     return json.loads((work / f"{name}.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def mri_task(tmp_path_factory):
-    """Anisotropic, 2 modalities, 3 foreground classes."""
-    return make_msd_task(tmp_path_factory.mktemp("mri") / "task", cases=7, test_cases=2, classes=3, modalities=2,
-                         anisotropic=True, size=28, seed=2)
+#: anisotropic, 2 modalities, 3 foreground classes
+MRI = dict(cases=7, test_cases=2, classes=3, modalities=2, anisotropic=True, size=28, seed=2)
 
 
-@pytest.fixture(scope="session")
-def ct_task(tmp_path_factory):
-    return make_msd_task(tmp_path_factory.mktemp("ct") / "task", cases=4, test_cases=0, size=24, seed=4)
+@pytest.fixture(scope="module")
+def mri_task(msd_task):
+    return msd_task(**MRI)
 
 
-@pytest.fixture(scope="session")
-def mri_work(mri_task, tmp_path_factory):
-    work = tmp_path_factory.mktemp("mri_work")
-    assert main(["prepare", "--task", str(mri_task), "--out", str(work), "--folds", "3"]) == 0
-    return work
+@pytest.fixture(scope="module")
+def ct_task(msd_task):
+    return msd_task(cases=4, test_cases=0, size=24, seed=4)
+
+
+@pytest.fixture(scope="module")
+def mri_work(prepared_task):
+    return prepared_task(folds=3, **MRI).work
 
 
 def test_plan_of_anisotropic_two_modality_task(mri_task, mri_work, capsys):

@@ -13,16 +13,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_bundle_export import make_bundle, parse
+from support import parse
 
 from dints3d.bundle.input_checks import check_image, collect_inputs
 from dints3d.cli import main
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """A bundle with seeded random weights in models/model.pt."""
-    bundle = make_bundle(tmp_path_factory.mktemp("inference"))
+def bundle(bundle) -> Path:
+    """The module's bundle (conftest.py) with seeded random weights in models/model.pt."""
     torch.manual_seed(0)
     net = parse(bundle, "inference.yaml").get_parsed_content("network_def")
     torch.save(net.state_dict(), bundle / "models" / "model.pt")

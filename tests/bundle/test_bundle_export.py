@@ -1,6 +1,6 @@
 """``dints3d export``: a tiny decoded architecture + a tiny synthetic task → a MONAI bundle whose configs parse,
-carry the plan's values and preprocess exactly like dints3d. Other bundle tests build their bundle with
-:func:`make_bundle` from here."""
+carry the plan's values and preprocess exactly like dints3d. Every bundle test builds its bundle with ``make_bundle``
+(tests/bundle/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,26 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from support import parse, tiny_arch
 
 from dints3d.bundle.export import TEMPLATE, export_bundle
 from dints3d.bundle.template import template_dir
 from dints3d.cityscapes.bundle import TEMPLATE as CITYSCAPES_TEMPLATE
-from dints3d.cityscapes.synthetic import make_cityscapes_task
 from dints3d.cli import main
 from dints3d.config import config_path, load_config
-from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
 from dints3d.data.transforms import inference_transforms
-from dints3d.spaces.dints.architecture import DintsArchitecture
-from dints3d.spaces.dints.supernet import DintsSearchSpace
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json
 
-#: config overrides for bundles that train in seconds on CPU
-TINY = ["train.channel_mul=0.25", "train.iterations=2", "train.val_interval=1", "train.batch_size=1",
-        "data.num_samples=1", "data.num_workers=0"]
 MANDATORY_META = ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
                   "description", "authors", "copyright", "network_data_format")
 TENSOR_FORMAT = ("type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
@@ -38,34 +30,6 @@ TENSOR_FORMAT = ("type", "format", "modality", "num_channels", "spatial_shape", 
 INFERENCE_IDS = ("bundle_root", "device", "network_def", "inferer", "output_dir")
 TRAIN_IDS = ("bundle_root", "device", "dataset_dir", "train#trainer", "train#trainer#max_epochs", "train#dataset",
              "train#handlers", "validate#evaluator", "validate#handlers", "validate#dataset", "val_interval")
-
-
-def tiny_arch() -> DintsArchitecture:
-    """A decoded 3-block, 3-resolution DiNTS space (seeded, no search)."""
-    torch.manual_seed(0)
-    arch, _ = DintsSearchSpace(1, 3, num_blocks=3, num_depths=3, channel_mul=0.25).decode()
-    return arch
-
-
-def make_bundle(root: Path, overrides: list[str] = TINY) -> Path:
-    """Synthetic CT task (LPS affine, shapes not multiples of 32) → prepare → export ``root/bundle``."""
-    make_msd_task(root / "task", cases=4, test_cases=2, size=24, seed=3)
-    cfg = load_config(config_path("demo"), overrides)
-    prepare(root / "task", root / "work", folds=2, config=cfg, progress=False)
-    return export_bundle(tiny_arch().save(root / "arch.json"), root / "work", root / "bundle", cfg)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("export"))
-
-
-def parse(bundle: Path, *names: str) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / name) for name in names])
-    parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser.parse()
-    return parser
 
 
 def test_metadata_has_every_mandatory_key(bundle):
@@ -135,13 +99,13 @@ def test_docs_license_and_picture(bundle):
     assert "Apache License" in (bundle / "LICENSE").read_text()
 
 
-def test_refuses_a_non_empty_folder_unless_forced(bundle, tmp_path):
+def test_refuses_a_non_empty_folder_unless_forced(bundle, tiny, tmp_path):
     work = bundle.parent / "work"
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(DintsError, match="not empty"):
         export_bundle(bundle / "models" / "arch.json", work, tmp_path / "out")
-    cfg = load_config(config_path("demo"), TINY)
+    cfg = load_config(config_path("demo"), tiny.bundle)
     export_bundle(bundle / "models" / "arch.json", work, tmp_path / "out", cfg, force=True)
     assert not (tmp_path / "out" / "keep.txt").exists()
     assert (tmp_path / "out" / "configs" / "metadata.json").exists()
@@ -184,13 +148,12 @@ def fence_problems(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cityscapes_bundle(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cityscapes")
-    task = make_cityscapes_task(root / "task", cases=4, test_cases=0, size=64, seed=0)
-    assert main(["prepare", "--task", str(task), "--out", str(root / "work"), "--config", "autodeeplab_demo"]) == 0
-    assert main(["export", "--config", "autodeeplab_demo", "--arch", "autodeeplab-s", "--work", str(root / "work"),
-                 "--out", str(root / "bundle"), "--set", "train.patch_size=[32,32]"]) == 0
-    return root / "bundle"
+def cityscapes_bundle(prepared_cityscapes, tmp_path_factory) -> Path:
+    work = prepared_cityscapes(config="autodeeplab_demo", cases=8, test_cases=0, size=64, seed=0).work
+    bundle = tmp_path_factory.mktemp("cityscapes") / "bundle"
+    assert main(["export", "--config", "autodeeplab_demo", "--arch", "autodeeplab-s", "--work", str(work),
+                 "--out", str(bundle), "--set", "train.patch_size=[32,32]"]) == 0
+    return bundle
 
 
 def test_every_readme_has_well_formed_code_fences(bundle, cityscapes_bundle):

@@ -1,13 +1,13 @@
 """The fused supernet cells (shared ReLU, scales folded into InstanceNorm, in-place sums) compute MONAI's function:
 same outputs and the same gradients for weights and architecture, with and without checkpointing and under AMP.
-The equivalences are checked in float64 (conftest: F64_RTOL), where they do not depend on the CPU's kernels."""
+The equivalences are checked in float64 (support.F64_RTOL), where they do not depend on the CPU's kernels."""
 
 import copy
 
 import pytest
 import torch
-from conftest import F64_RTOL, rel_error
 from monai.networks.nets import DiNTS, TopologySearch
+from support import F64_RTOL, rel_error
 from torch import nn
 
 from dints3d.spaces.dints.cells import cell_forward

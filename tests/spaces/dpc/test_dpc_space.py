@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import F64_RTOL, rel_error
+from support import F64_RTOL, rel_error
 
 from dints3d.random_search.samplers import DpcSampler
 from dints3d.spaces.dints.architecture import random_dints_architecture
@@ -93,7 +93,7 @@ def test_3d_head_with_anisotropic_rates():
 def test_dints_features_follow_monai_decoder():
     """Features at depth 0 through DiNTS's last upsampling stem and classifier give DiNTS's own output."""
     backbone = _backbone()
-    net = backbone.build(1, 3, channel_mul=0.25).eval().double()  # float64: conftest.F64_RTOL
+    net = backbone.build(1, 3, channel_mul=0.25).eval().double()  # float64: support.F64_RTOL
     features = DintsFeatures(net, 0, backbone.use_downsample)
     x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
     with torch.no_grad():

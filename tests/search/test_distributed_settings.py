@@ -17,12 +17,10 @@ from dints3d.search.loop import SearchRun
 from dints3d.spaces.factory import build_search_space
 from dints3d.utils.runtime import Runtime
 
-TINY = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125"]
 
-
-def _optimizers(world_size: int, scale_lr: bool) -> SearchRun:
+def _optimizers(tiny, world_size: int, scale_lr: bool) -> SearchRun:
     """Only the optimizer set-up of a SearchRun, for a process of a ``world_size``-process run."""
-    cfg = load_config(None, [*TINY, f"search.scale_lr={str(scale_lr).lower()}"])
+    cfg = load_config(None, [*tiny.dints, f"search.scale_lr={str(scale_lr).lower()}"])
     run = SearchRun.__new__(SearchRun)
     run.cfg, run.rt = cfg, Runtime(device=torch.device("cpu"), world_size=world_size)
     run.space = build_search_space(cfg, 1, 2)
@@ -31,8 +29,8 @@ def _optimizers(world_size: int, scale_lr: bool) -> SearchRun:
 
 
 @pytest.mark.parametrize("world_size, scale_lr, factor", [(1, True, 1), (4, True, 4), (4, False, 1)])
-def test_learning_rates_scale_with_the_world_size(world_size, scale_lr, factor):
-    run = _optimizers(world_size, scale_lr)
+def test_learning_rates_scale_with_the_world_size(tiny, world_size, scale_lr, factor):
+    run = _optimizers(tiny, world_size, scale_lr)
     s = run.cfg.search
     assert run.architect.base_lr == pytest.approx(s.lr * factor)
     assert run.architect.opt_w.param_groups[0]["lr"] == pytest.approx(s.lr * factor)
@@ -56,15 +54,15 @@ def test_ranks_read_their_own_share_of_the_one_process_sequence():
     assert not np.array_equal(np.asarray(ranks[0][0]["image"]), np.asarray(ranks[1][0]["image"]))
 
 
-def test_resumed_under_another_world_size_the_learning_rates_are_rescaled(tmp_path):
+def test_resumed_under_another_world_size_the_learning_rates_are_rescaled(tiny, tmp_path):
     """A checkpoint of a 4-process run resumed by 1 process: Adam's saved learning rate (4 × arch_lr) is replaced
     by the one for 1 process (the weights' SGD rate is set every step from the schedule anyway)."""
-    four = _optimizers(4, True)
+    four = _optimizers(tiny, 4, True)
     saved = {"model": four.space.state_dict(), "opt_w": four.architect.opt_w.state_dict(),
              "opt_arch": {k: o.state_dict() for k, o in four.architect.opt_arch.items()},
              "scaler_w": four.architect.scaler_w.state_dict(), "scaler_a": four.architect.scaler_a.state_dict(),
              "loop": {"iteration": 3, "consumed": {"weights": 12, "arch": 0}}}
-    one = _optimizers(1, True)
+    one = _optimizers(tiny, 1, True)
     one._restore(saved, tmp_path / "last.pt")
     for optimizer in one.architect.opt_arch.values():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(one.cfg.search.arch_lr)

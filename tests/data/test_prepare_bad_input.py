@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from dints3d.cli import main
-from dints3d.data.synthetic import make_msd_task
 
 IMAGE = "imagesTr/synthetic_001.nii.gz"
 LABEL = "labelsTr/synthetic_001.nii.gz"
@@ -158,21 +157,16 @@ CORRUPTIONS = [missing_key, invalid_json, missing_dataset_json, label_not_found,
                empty_training, duplicate_case, duplicate_case_id, duplicate_in_test_set]
 
 
-@pytest.fixture(scope="session")
-def good_task(tmp_path_factory):
-    return make_msd_task(tmp_path_factory.mktemp("good") / "task", cases=4, test_cases=1, size=20, seed=0)
-
-
-@pytest.fixture(scope="session")
-def good_work(good_task, tmp_path_factory):
-    work = tmp_path_factory.mktemp("good_work")
-    assert main(["prepare", "--task", str(good_task), "--out", str(work), "--folds", "2"]) == 0
-    return work
+@pytest.fixture(scope="module")
+def good_work(small_task):
+    """The good task's work folder (2 folds), for the tests that prepare over an existing one (they copy it)."""
+    return small_task.work
 
 
 @pytest.fixture
-def task(good_task, tmp_path):
-    return Path(shutil.copytree(good_task, tmp_path / "task"))
+def task(small_task, tmp_path):
+    """A copy of a good task (4 training cases, synthetic_004 the test case) for each test to corrupt."""
+    return Path(shutil.copytree(small_task.task, tmp_path / "task"))
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import fp32_sum_bound
+from support import fp32_sum_bound
 from torch import nn
 from torch.profiler import profile
 
@@ -66,7 +66,7 @@ def test_same_output_and_gradients_as_nn_conv3d(cin, cout, kernel, side, bias):
     # The routing exists only for float32, so compare there, with a bound derived from the sums: every element of
     # y is a float32 sum of n = C_in·k³ products (+ the bias), of grad_x of n = C_out·k³, of grad_W and grad_b of n =
     # the output voxels. slow_conv3d (im2col + GEMM) and oneDNN (whose blocking depends on the CPU's ISA) sum them in
-    # different orders; any order is within γ_n·Σ|terms| of the exact sum (conftest.fp32_sum_bound), so the two are
+    # different orders; any order is within γ_n·Σ|terms| of the exact sum (support.fp32_sum_bound), so the two are
     # within 2·γ_n·Σ|terms| elementwise, hence in norm: ‖routed − plain‖ ≤ 2·γ_n·‖M‖, M the Σ|terms| (_magnitudes).
     kernel_volume, voxels = math.prod(kernel), ya[0, 0].numel()
     terms = [cin * kernel_volume + int(bias), cout * kernel_volume, voxels, voxels]

@@ -7,8 +7,6 @@ import pytest
 from dints3d.config import load_config
 from dints3d.cost.budget import sigma_for_budget
 from dints3d.cost.memory import predict_training_memory
-from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
 from dints3d.search.loop import SearchRun
 from dints3d.spaces.dints.supernet import DintsSearchSpace
 from dints3d.spaces.factory import load_architecture
@@ -41,12 +39,10 @@ def test_impossible_budget_is_refused_with_the_need(space):
         _sigma(space, 1e-6)
 
 
-def test_tighter_budget_decodes_to_no_more_predicted_memory(space, tmp_path):
-    task = make_msd_task(tmp_path / "task", cases=6, test_cases=1, size=36, seed=11)
-    prepare(task, tmp_path / "work", folds=3, progress=False)
+def test_tighter_budget_decodes_to_no_more_predicted_memory(space, prepared_task, tiny, tmp_path):
+    work = prepared_task(folds=3, cases=6, test_cases=1, size=36, seed=11).work  # the decoded network depends on it
     fit = _sigma(space, 100.0)
-    common = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125",
-              f"data.patch_size={PATCH}", "data.num_samples=1", "data.max_cases=1", "search.iterations=12",
+    common = [*tiny.dints, f"data.patch_size={PATCH}", "data.num_samples=1", "data.max_cases=1", "search.iterations=12",
               "search.val_interval=100", "search.val_overlap=0.0", "search.amp=false", "search.warmup_fraction=0",
               "search.arch_lr=0.2", "search.lr=0.0", "search.memory_weight=20", "search.entropy_weight=0",
               "train.batch_size=2", "train.amp=false", "train.channel_mul=0.25"]
@@ -54,7 +50,7 @@ def test_tighter_budget_decodes_to_no_more_predicted_memory(space, tmp_path):
     for name, ratio in (("tight", 0.25), ("loose", 0.85)):
         budget = fit["intercept_gb"] + fit["slope_gb"] * ratio
         cfg = load_config(None, [*common, f"search.memory_budget_gb={budget}"])
-        run = SearchRun(cfg, tmp_path / "work", tmp_path / name, init_runtime("cpu"))
+        run = SearchRun(cfg, work, tmp_path / name, init_runtime("cpu"))
         try:
             path = run.run()
         finally:

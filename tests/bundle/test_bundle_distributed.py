@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_bundle_export import make_bundle, parse
+from support import parse
 
 from dints3d.bundle.infer import infer
 from dints3d.bundle.runner import launcher
@@ -22,11 +21,6 @@ from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 
 FAST = ("sw_overlap=0.25",)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("ddp_bundle"))
 
 
 def test_two_process_training_partitions_the_cases_and_saves_once(bundle, tmp_path):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bundle_export import make_bundle
 
 from dints3d.bundle import train as bundle_commands
 from dints3d.bundle.runner import override_args
@@ -22,11 +21,6 @@ from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 
 FAST = ("sw_overlap=0.25",)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("train"))
 
 
 def test_train_writes_model_and_resumes(bundle, tmp_path):
@@ -77,7 +71,7 @@ def test_override_values_are_yaml():
                     "--train#trainer#max_epochs", "3"]
 
 
-def test_search_config_replaces_the_architecture(tmp_path):
+def test_search_config_replaces_the_architecture(make_bundle, tmp_path):
     bundle = make_bundle(tmp_path)
     before = (bundle / "models" / "arch.json").read_text()
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
@@ -93,7 +87,7 @@ def test_search_config_replaces_the_architecture(tmp_path):
 
 
 @pytest.fixture
-def fresh(tmp_path) -> Path:
+def fresh(make_bundle, tmp_path) -> Path:
     return make_bundle(tmp_path / "fresh")
 
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
-from test_bundle_export import make_bundle
 
 from dints3d.bundle import runner
 from dints3d.bundle.handlers import NonFiniteGuard, OutOfMemoryReport, ResumeFromNewest, newest_readable_checkpoint
@@ -67,8 +66,9 @@ KILLER = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("reliable"))
+def template(bundle) -> Path:
+    """The module's bundle (conftest.py), never trained itself: each test trains a copy."""
+    return bundle
 
 
 def _copy(template: Path, dest: Path) -> Path:
@@ -339,7 +339,7 @@ def test_cuda_out_of_memory_in_validation_and_other_errors(template, tmp_path):
     assert isinstance(failed.value.__cause__, ZeroDivisionError)
 
 
-def test_out_of_memory_advice_follows_the_gpu_capacity(tmp_path):
+def test_out_of_memory_advice_follows_the_gpu_capacity(make_bundle, tmp_path):
     """With the GPU's size known: a patch whose predicted step fits in 90 % of it, or, when the weights alone do
     not fit, a narrower network."""
     arch = make_bundle(tmp_path) / "models" / "arch.json"

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from dints3d.cli import main
-from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
 from dints3d.random_search.engine import Budget, Evaluation, RandomSearch
 from dints3d.random_search.samplers import AutoDeepLabSampler, DintsSampler, DpcSampler, MemoryLimit
 from dints3d.random_search.trials import read_rows
@@ -169,17 +167,9 @@ def test_autodeeplab_sampler_draws_valid_networks():
         assert archs[0].build(3, 5).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("random")
-    task = make_msd_task(root / "task", cases=4, test_cases=0, size=32, seed=5)
-    prepare(task, root / "work", folds=2, progress=False)
-    return root / "work"
-
-
-def test_dints_random_search_cli(work, tmp_path):
+def test_dints_random_search_cli(search_work, tmp_path):
     out = tmp_path / "run"
-    args = ["random-search", "--space", "dints", "--work", str(work), "--out", str(out), "--config", "demo"]
+    args = ["random-search", "--space", "dints", "--work", str(search_work), "--out", str(out), "--config", "demo"]
     for o in ["dints.num_blocks=2", "dints.num_depths=2", "dints.channel_mul=0.125", "train.channel_mul=0.125",
               "data.patch_size=[16,16,16]", "data.num_samples=1", "data.augment=false", "search.val_overlap=0",
               "search.ram_cost_factor=0.6", "random_search.trials=3", "random_search.iterations=2",

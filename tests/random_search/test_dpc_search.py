@@ -23,12 +23,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpc")
-    assert main(["synth", "--format", "cityscapes", "--out", str(root / "city"), "--cases", "6", "--test-cases", "0",
-                 "--size", "32"]) == 0
-    assert main(["prepare", "--task", str(root / "city"), "--out", str(root / "work")]) == 0
-    return root / "work"
+def work(prepared_cityscapes):
+    """6 labelled Cityscapes-format images of 32 × 64 pixels, prepared with the default config."""
+    return prepared_cityscapes(cases=6, test_cases=0, size=32, seed=0).work
 
 
 @pytest.fixture

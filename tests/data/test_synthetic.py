@@ -25,14 +25,13 @@ def _training(task: Path):
 
 
 @pytest.fixture(scope="module")
-def ct_task(tmp_path_factory):
-    return make_msd_task(tmp_path_factory.mktemp("ct") / "task", cases=4, test_cases=1, size=32, seed=3)
+def ct_task(msd_task):
+    return msd_task(cases=4, test_cases=1, size=32, seed=3)
 
 
 @pytest.fixture(scope="module")
-def mri_task(tmp_path_factory):
-    return make_msd_task(tmp_path_factory.mktemp("mri") / "task", cases=4, test_cases=1, classes=3, modalities=2,
-                         anisotropic=True, size=32, seed=1)
+def mri_task(msd_task):
+    return msd_task(cases=4, test_cases=1, classes=3, modalities=2, anisotropic=True, size=32, seed=1)
 
 
 def test_dataset_json_follows_msd_layout(ct_task):

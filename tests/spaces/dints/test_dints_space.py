@@ -1,5 +1,5 @@
 """The DiNTS search space and architecture against MONAI's own classes (numerical equivalences in float64, where
-they do not depend on the CPU's kernels: conftest.F64_RTOL)."""
+they do not depend on the CPU's kernels: support.F64_RTOL)."""
 
 import copy
 import json
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import F64_RTOL, rel_error
 from monai.networks.nets import DiNTS, TopologySearch
+from support import F64_RTOL, rel_error
 
 from dints3d.spaces.dints.architecture import DintsArchitecture
 from dints3d.spaces.dints.supernet import DintsSearchSpace

@@ -14,7 +14,6 @@ from PIL import Image
 from dints3d.cityscapes.evaluate import evaluate_cityscapes
 from dints3d.cityscapes.folder import read_label_ids
 from dints3d.cityscapes.labels import class_names, to_train_ids
-from dints3d.cityscapes.synthetic import make_cityscapes_task
 from dints3d.cli import main
 from dints3d.evaluation.confusion import ConfusionMatrixMetric, confusion_matrix, iou_per_class, mean_iou
 from dints3d.evaluation.validation import validate_iou
@@ -24,8 +23,8 @@ VOID = [lab.id for lab in cs_labels if lab.id >= 0 and lab.ignoreInEval]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_cityscapes_task(tmp_path_factory.mktemp("cs") / "cs", cases=8, test_cases=0, size=48, seed=2)
+def folder(cityscapes_task):
+    return cityscapes_task(cases=8, test_cases=0, size=48, seed=2)
 
 
 def _predict(folder: Path, out: Path, seed: int) -> dict[str, np.ndarray]:

@@ -6,8 +6,6 @@ import torch
 from monai.transforms import Invertd
 
 from dints3d.data.dataset import load_items, load_plan, make_dataset
-from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
 from dints3d.data.transforms import (
     inference_transforms,
     normalization_transform,
@@ -18,11 +16,9 @@ from dints3d.utils.errors import DintsError
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tf")
-    task = make_msd_task(root / "task", cases=4, test_cases=1, modalities=2, anisotropic=True, size=40)
-    prepare(task, root / "work", folds=2, progress=False)
-    return root / "work"
+def work(prepared_task):
+    """Two modalities, anisotropic voxels."""
+    return prepared_task(folds=2, cases=4, test_cases=1, modalities=2, anisotropic=True, size=40).work
 
 
 def test_ct_normalization_is_clip_then_zscore():

@@ -11,13 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
-
-TINY = ["device=cpu", "dints.num_blocks=2", "dints.num_depths=3", "dints.channel_mul=0.125",
-        "data.patch_size=[32,32,32]", "data.num_samples=1", "data.max_cases=2", "data.num_workers=0",
-        "search.val_overlap=0.0", "search.amp=false", "search.check_replicas=true"]
-
 # Run by torchrun in place of `-m dints3d`: each process records, in its own file, every file it renames into place
 # (all of dints3d's writes are atomic renames), every TensorBoard writer it opens, a digest of α/β after each
 # architecture step, each validation, and the global index of every sample it reads. Observation only.
@@ -73,20 +66,20 @@ RECORDER = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    task = make_msd_task(root / "task", cases=6, test_cases=1, size=36, seed=5)
-    prepare(task, root / "work", folds=3, progress=False)
-    return root / "work"
+def ddp(tiny):
+    """The tiny search with the replica check on and no loader workers; each test sets iterations, validation and
+    checkpoint intervals."""
+    return tiny.search_with("data.num_workers=0", "search.check_replicas=true")
 
 
-def _search(work, out, nproc, session, settings, *extra):
-    """``torchrun --nproc_per_node nproc`` of the recorded CLI; returns (completed process, {rank: events})."""
+def _search(ddp, work, out, nproc, session, settings, *extra):
+    """``torchrun --nproc_per_node nproc`` of the recorded CLI with ``ddp`` and ``settings``; returns (completed
+    process, {rank: events})."""
     record = out.parent / "record"
     record.mkdir(exist_ok=True)
     script = out.parent / "recorded_cli.py"
     script.write_text(RECORDER)
-    args = [a for o in [*TINY, *settings] for a in ("--set", o)]
+    args = [a for o in [*ddp, *settings] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            "search", "--work", str(work), "--out", str(out), *args, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RECORD_DIR": str(record), "RECORD_SESSION": session}
@@ -102,12 +95,12 @@ def _of(events, kind):
     return [e for e in events if e["event"] == kind]
 
 
-def test_two_process_search_completes_with_identical_replicas_and_rank0_writes(work, tmp_path):
+def test_two_process_search_completes_with_identical_replicas_and_rank0_writes(search_work, ddp, tmp_path):
     """A whole 2-process search: weight and architecture steps, two validations, the final decode. α/β are
     identical on both ranks after every architecture step; rank 0 alone writes anything into the run folder."""
     out = tmp_path / "run"
     settings = ["search.iterations=4", "search.val_interval=2", "search.checkpoint_interval=2"]
-    result, events = _search(work, out, 2, "whole", settings)
+    result, events = _search(ddp, search_work, out, 2, "whole", settings)
     assert result.returncode == 0, result.stderr[-3000:]
 
     arch = json.loads((out / "arch.json").read_text())
@@ -138,7 +131,7 @@ def test_two_process_search_completes_with_identical_replicas_and_rank0_writes(w
         assert set(reads[0]).isdisjoint(reads[1])
 
 
-def test_resume_under_another_world_size_reads_each_sample_once(work, tmp_path):
+def test_resume_under_another_world_size_reads_each_sample_once(search_work, ddp, tmp_path):
     """2 processes for 2 iterations, 1 process up to iteration 4, 2 processes to the end (6): each stream is read
     as one sequence, every sample once, however many processes there were; one arch.json."""
     out = tmp_path / "run"
@@ -146,7 +139,7 @@ def test_resume_under_another_world_size_reads_each_sample_once(work, tmp_path):
     reads = defaultdict(list)
     for session, nproc, extra in (("a", 2, ["--stop-after", "2"]), ("b", 1, ["--resume", "--stop-after", "4"]),
                                   ("c", 2, ["--resume"])):
-        result, events = _search(work, out, nproc, session, settings, *extra)
+        result, events = _search(ddp, search_work, out, nproc, session, settings, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         for rank in events:
             for e in _of(events[rank], "sample"):

@@ -9,40 +9,15 @@ import torch
 
 from dints3d.cli import main
 from dints3d.config import load_config
-from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
 from dints3d.search.loop import SearchRun
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.checkpoint import load_checkpoint
 from dints3d.utils.errors import DintsError
 from dints3d.utils.runtime import init_runtime
 
-TINY = [
-    "device=cpu",
-    "dints.num_blocks=2",
-    "dints.num_depths=3",
-    "dints.channel_mul=0.125",
-    "data.patch_size=[32,32,32]",
-    "data.num_samples=1",
-    "data.max_cases=2",
-    "search.iterations=6",
-    "search.val_interval=3",
-    "search.checkpoint_interval=2",
-    "search.val_overlap=0.0",
-    "search.amp=false",
-]
 
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    task = make_msd_task(root / "task", cases=6, test_cases=1, size=36, seed=3)
-    prepare(task, root / "work", folds=3, progress=False)
-    return root / "work"
-
-
-def _run(work, out, overrides=(), stop_after=None, resume=False):
-    cfg = load_config(None, [*TINY, *overrides])
+def _run(tiny, work, out, overrides=(), stop_after=None, resume=False):
+    cfg = load_config(None, [*tiny.search, *overrides])
     run = SearchRun(cfg, work, out, init_runtime(cfg.device), resume=resume)
     try:
         return run, run.run(stop_after=stop_after)
@@ -50,10 +25,10 @@ def _run(work, out, overrides=(), stop_after=None, resume=False):
         run.close()
 
 
-def test_search_cli_writes_every_output(work, tmp_path):
+def test_search_cli_writes_every_output(search_work, tiny, tmp_path):
     out = tmp_path / "run"
-    args = ["search", "--work", str(work), "--out", str(out)]
-    for o in TINY:
+    args = ["search", "--work", str(search_work), "--out", str(out)]
+    for o in tiny.search:
         args += ["--set", o]
     assert main(args) == 0
     arch = json.loads((out / "arch.json").read_text())
@@ -82,11 +57,11 @@ def test_search_cli_writes_every_output(work, tmp_path):
         assert net(torch.randn(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
 
 
-def test_resumed_search_equals_uninterrupted(work, tmp_path):
-    _, whole = _run(work, tmp_path / "whole")
-    _, partial = _run(work, tmp_path / "split", stop_after=4)
+def test_resumed_search_equals_uninterrupted(search_work, tiny, tmp_path):
+    _, whole = _run(tiny, search_work, tmp_path / "whole")
+    _, partial = _run(tiny, search_work, tmp_path / "split", stop_after=4)
     assert partial is None
-    _, resumed = _run(work, tmp_path / "split", resume=True)
+    _, resumed = _run(tiny, search_work, tmp_path / "split", resume=True)
     a, b = json.loads(whole.read_text()), json.loads(resumed.read_text())
     for key in ("node_a", "arch_code_a", "arch_code_c"):
         assert a[key] == b[key]
@@ -97,8 +72,8 @@ def test_resumed_search_equals_uninterrupted(work, tmp_path):
     assert a["provenance"]["validation_dice"] == b["provenance"]["validation_dice"]
 
     # one SearchRun whose run() is called twice continues its streams too (bench/distributed.py does this)
-    cfg = load_config(None, TINY)
-    twice = SearchRun(cfg, work, tmp_path / "twice", init_runtime("cpu"))
+    cfg = load_config(None, tiny.search)
+    twice = SearchRun(cfg, search_work, tmp_path / "twice", init_runtime("cpu"))
     try:
         assert twice.run(stop_after=3) is None
         c = json.loads(twice.run().read_text())
@@ -111,51 +86,53 @@ def test_resumed_search_equals_uninterrupted(work, tmp_path):
         torch.testing.assert_close(sc[name], sa[name], rtol=0, atol=0)
 
 
-def test_fresh_search_refuses_existing_run_and_resume_needs_one(work, tmp_path):
-    _run(work, tmp_path / "r", stop_after=2)
+def test_fresh_search_refuses_existing_run_and_resume_needs_one(search_work, tiny, tmp_path):
+    _run(tiny, search_work, tmp_path / "r", stop_after=2)
     with pytest.raises(DintsError, match="--resume"):
-        _run(work, tmp_path / "r")
+        _run(tiny, search_work, tmp_path / "r")
     with pytest.raises(DintsError, match="no checkpoint"):
-        _run(work, tmp_path / "empty", resume=True)
+        _run(tiny, search_work, tmp_path / "empty", resume=True)
     with pytest.raises(DintsError, match=r"different config \(search.momentum: 0.9 then, 0.5 now\).*only search.lr"):
-        _run(work, tmp_path / "r", overrides=["search.momentum=0.5"], resume=True)
+        _run(tiny, search_work, tmp_path / "r", overrides=["search.momentum=0.5"], resume=True)
     with pytest.raises(DintsError, match="holds 2 completed iterations, more than search.iterations=1"):
-        _run(work, tmp_path / "r", overrides=["search.iterations=1"], resume=True)
+        _run(tiny, search_work, tmp_path / "r", overrides=["search.iterations=1"], resume=True)
 
 
-def test_resume_may_change_the_documented_settings_with_a_warning(work, tmp_path):
-    _run(work, tmp_path / "r", ["search.warmup_fraction=0"], stop_after=2)
+def test_resume_may_change_the_documented_settings_with_a_warning(search_work, tiny, tmp_path):
+    _run(tiny, search_work, tmp_path / "r", ["search.warmup_fraction=0"], stop_after=2)
     with pytest.warns(UserWarning, match=r"search.arch_lr 0.001 → 0.0005, search.iterations 6 → 4, search.lr "):
-        run, path = _run(work, tmp_path / "r", ["search.warmup_fraction=0", "search.lr=0.01",
-                                                "search.arch_lr=0.0005", "search.iterations=4"], resume=True)
+        run, path = _run(tiny, search_work, tmp_path / "r", ["search.warmup_fraction=0", "search.lr=0.01",
+                                                             "search.arch_lr=0.0005", "search.iterations=4"],
+                         resume=True)
     assert path is not None and run.state.iteration == 4
     assert [o.param_groups[0]["lr"] for o in run.architect.opt_arch.values()] == [0.0005, 0.0005]  # not the saved 0.001
     assert run.architect.base_lr == 0.01
 
 
-def test_resume_may_turn_on_checkpointing_as_the_out_of_memory_report_advises(work, tmp_path):
-    _run(work, tmp_path / "r", ["search.warmup_fraction=0"], stop_after=2)
+def test_resume_may_turn_on_checkpointing_as_the_out_of_memory_report_advises(search_work, tiny, tmp_path):
+    _run(tiny, search_work, tmp_path / "r", ["search.warmup_fraction=0"], stop_after=2)
     with pytest.warns(UserWarning, match=r"search.checkpoint_cells False → True"):
-        run, path = _run(work, tmp_path / "r", ["search.warmup_fraction=0", "search.checkpoint_cells=true",
-                                                "search.cpu_conv_routing=false"], resume=True)
+        run, path = _run(tiny, search_work, tmp_path / "r", ["search.warmup_fraction=0",
+                                                             "search.checkpoint_cells=true",
+                                                             "search.cpu_conv_routing=false"], resume=True)
     assert path is not None and run.space.topology_space.checkpoint_cells
 
 
-def test_memory_budget_sigma_orders_decoded_memory(work, tmp_path):
+def test_memory_budget_sigma_orders_decoded_memory(search_work, tiny, tmp_path):
     """With architecture updates dominating, σ = 0.2 decodes to a cheaper network than σ = 0.8."""
     common = ["search.warmup_fraction=0", "search.arch_lr=0.2", "search.lr=0.0", "search.iterations=12",
               "search.val_interval=100", "search.memory_weight=20", "search.entropy_weight=0"]
     ratios = {}
     for sigma in (0.2, 0.8):
-        run, path = _run(work, tmp_path / f"s{sigma}", [*common, f"search.ram_cost_factor={sigma}"])
+        run, path = _run(tiny, search_work, tmp_path / f"s{sigma}", [*common, f"search.ram_cost_factor={sigma}"])
         ratios[sigma] = json.loads(path.read_text())["provenance"]["estimated_memory_ratio"]
     assert ratios[0.2] < ratios[0.8] - 0.15, ratios
 
 
-def test_bf16_autocast_search_step_runs_on_cpu(work, tmp_path):
-    cfg = load_config(None, [*TINY, "search.amp=true", "search.iterations=2", "search.val_interval=2",
+def test_bf16_autocast_search_step_runs_on_cpu(search_work, tiny, tmp_path):
+    cfg = load_config(None, [*tiny.search, "search.amp=true", "search.iterations=2", "search.val_interval=2",
                              "search.warmup_fraction=0.5"])
-    run = SearchRun(cfg, work, tmp_path / "amp", init_runtime("cpu"))
+    run = SearchRun(cfg, search_work, tmp_path / "amp", init_runtime("cpu"))
     seen = []
     convs = [m for m in run.space.modules() if isinstance(m, torch.nn.Conv3d)]
     hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) for m in convs]
@@ -207,9 +184,9 @@ def _inf_from(run, iteration, where="loss"):
         run.space.regularizers = regularizers
 
 
-def test_nonfinite_loss_skips_step_without_touching_parameters(work, tmp_path):
-    cfg = load_config(None, [*TINY, "search.warmup_fraction=0", "search.max_nonfinite_steps=3"])
-    run = SearchRun(cfg, work, tmp_path / "nan", init_runtime("cpu"))
+def test_nonfinite_loss_skips_step_without_touching_parameters(search_work, tiny, tmp_path):
+    cfg = load_config(None, [*tiny.search, "search.warmup_fraction=0", "search.max_nonfinite_steps=3"])
+    run = SearchRun(cfg, search_work, tmp_path / "nan", init_runtime("cpu"))
     try:
         image = torch.randn(1, 1, 32, 32, 32)
         image[0, 0, 0, 0, 0] = float("nan")
@@ -227,17 +204,17 @@ def test_nonfinite_loss_skips_step_without_touching_parameters(work, tmp_path):
         run.close()
 
 
-def test_inf_loss_stops_with_a_consistent_checkpoint_and_a_lower_lr_resume_finishes(work, tmp_path):
+def test_inf_loss_stops_with_a_consistent_checkpoint_and_a_lower_lr_resume_finishes(search_work, tiny, tmp_path):
     """Inf weight losses from iteration 2 on: 2 in a row stop the run after iteration 3 is complete; the checkpoint
     holds the weights of iteration 2 (the skipped steps changed nothing) and counts both batches as read, and a
     resume with the advised lower learning rate continues and finishes."""
     out = tmp_path / "inf"
     overrides = ["search.max_nonfinite_steps=2"]
-    run, _ = _run(work, out, overrides, stop_after=2)
+    run, _ = _run(tiny, search_work, out, overrides, stop_after=2)
     weights_at_2 = {k: v for k, v in load_checkpoint(out / "checkpoints" / "last.pt")["model"].items()
                     if "log_alpha" not in k}
-    cfg = load_config(None, [*TINY, *overrides])
-    run = SearchRun(cfg, work, out, init_runtime("cpu"), resume=True)
+    cfg = load_config(None, [*tiny.search, *overrides])
+    run = SearchRun(cfg, search_work, out, init_runtime("cpu"), resume=True)
     _inf_from(run, 2, "loss")
     try:
         with pytest.raises(DintsError, match=r"2 consecutive non-finite weight losses up to iteration 3.*"
@@ -253,17 +230,17 @@ def test_inf_loss_stops_with_a_consistent_checkpoint_and_a_lower_lr_resume_finis
         torch.testing.assert_close(saved["model"][name], value, rtol=0, atol=0)
 
     with pytest.warns(UserWarning, match="search.lr 0.025 → 0.005"):
-        run, path = _run(work, out, [*overrides, "search.lr=0.005"], resume=True)
+        run, path = _run(tiny, search_work, out, [*overrides, "search.lr=0.005"], resume=True)
     assert path is not None and run.state.iteration == 6 and run.state.nonfinite_total == 3
     assert json.loads(path.read_text())["provenance"]["iteration"] == 6
 
 
-def test_nonfinite_architecture_stop_does_not_repeat_the_weight_update(work, tmp_path):
+def test_nonfinite_architecture_stop_does_not_repeat_the_weight_update(search_work, tiny, tmp_path):
     """The weight step of the stopping iteration was applied: the checkpoint counts that iteration as done, so a
     resume starts with the next one instead of applying a second update for the same iteration."""
     out = tmp_path / "arch_inf"
-    cfg = load_config(None, [*TINY, "search.warmup_fraction=0", "search.max_nonfinite_steps=2"])
-    run = SearchRun(cfg, work, out, init_runtime("cpu"))
+    cfg = load_config(None, [*tiny.search, "search.warmup_fraction=0", "search.max_nonfinite_steps=2"])
+    run = SearchRun(cfg, search_work, out, init_runtime("cpu"))
     _inf_from(run, 1, "arch")
     try:
         with pytest.raises(DintsError, match="2 consecutive non-finite architecture losses up to iteration 2"):
@@ -276,20 +253,20 @@ def test_nonfinite_architecture_stop_does_not_repeat_the_weight_update(work, tmp
     assert saved["loop"]["consumed"] == {"weights": 3, "arch": 3}
     for name, value in live.items():  # the checkpoint is the state after iteration 2's weight update
         torch.testing.assert_close(saved["model"][name], value, rtol=0, atol=0)
-    run, path = _run(work, out, ["search.warmup_fraction=0", "search.max_nonfinite_steps=2"], resume=True)
+    run, path = _run(tiny, search_work, out, ["search.warmup_fraction=0", "search.max_nonfinite_steps=2"], resume=True)
     assert path is not None and run.state.iteration == 6
 
 
-def test_resume_restores_python_numpy_and_torch_generators(work, tmp_path):
+def test_resume_restores_python_numpy_and_torch_generators(search_work, tiny, tmp_path):
     out = tmp_path / "rng"
-    _run(work, out, stop_after=2)
+    _run(tiny, search_work, out, stop_after=2)
     saved = load_checkpoint(out / "checkpoints" / "last.pt")
     assert set(saved["rng"]) >= {"python", "numpy", "torch"}
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)
-    cfg = load_config(None, TINY)
-    run = SearchRun(cfg, work, out, init_runtime("cpu"), resume=True)
+    cfg = load_config(None, tiny.search)
+    run = SearchRun(cfg, search_work, out, init_runtime("cpu"), resume=True)
     run.close()
     assert list(random.getstate()[1]) == saved["rng"]["python"]["state"].tolist()
     numpy_state = np.random.get_state(legacy=False)
@@ -302,12 +279,12 @@ def test_resume_restores_python_numpy_and_torch_generators(work, tmp_path):
     saved["rng"]["numpy"]["key"] = saved["rng"]["numpy"]["key"][:10]
     save_checkpoint(out / "checkpoints" / "last.pt", saved)
     with pytest.raises(DintsError, match=r"last.pt: holds an unusable random generator state"):
-        SearchRun(cfg, work, out, init_runtime("cpu"), resume=True)
+        SearchRun(cfg, search_work, out, init_runtime("cpu"), resume=True)
 
 
-def test_patch_size_must_fit_the_space(work, tmp_path):
+def test_patch_size_must_fit_the_space(search_work, tiny, tmp_path):
     with pytest.raises(DintsError, match="multiple of 16"):
-        _run(work, tmp_path / "bad", ["data.patch_size=[30,32,32]"])
+        _run(tiny, search_work, tmp_path / "bad", ["data.patch_size=[30,32,32]"])
 
 
 def test_resume_auto_continues_only_when_a_checkpoint_exists(tmp_path):

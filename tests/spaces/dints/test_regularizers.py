@@ -1,13 +1,13 @@
 """DintsTopology tables and the vectorized regularizers against MONAI's TopologySearch (compared in float64, where
-the results do not depend on the CPU's kernels: conftest.F64_RTOL)."""
+the results do not depend on the CPU's kernels: support.F64_RTOL)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import F64_RTOL, fp32_sum_bound
 from monai.networks.nets.dints import TopologySearch
+from support import F64_RTOL, fp32_sum_bound
 
 from dints3d.spaces.dints import regularizers as reg
 from dints3d.spaces.dints.relaxation import path_probabilities, pattern_probabilities
@@ -242,7 +242,7 @@ def test_float64_stays_float64(small_inputs):
     doubles = all_terms(*[x.double() for x in small_inputs], topo)
     # The float64 terms are exact to ~1e-15, so this bounds the float32 rounding of `reference`, which depends on the
     # CPU's kernels. The longest float32 reduction is path_entropy's mean over N = 4 × 127 pattern probabilities; a
-    # sum of N terms is within γ_N·Σ|terms| (conftest.fp32_sum_bound), and the summed values are non-negative
+    # sum of N terms is within γ_N·Σ|terms| (support.fp32_sum_bound), and the summed values are non-negative
     # (probabilities, costs, entropy contributions), so Σ|terms| is the result. The probabilities are exp(β·c + A −
     # log(1 − e^A)), A = Σ_j log σ(−β_j): the exponent sums terms of total magnitude up to K (below, ~10), so its
     # rounding is a relative error of up to ~γ_9·K in every probability, carried into every later stage. Hence

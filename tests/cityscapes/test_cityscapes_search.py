@@ -8,27 +8,25 @@ import time
 import pytest
 from PIL import Image
 
-from dints3d.cityscapes.synthetic import make_cityscapes_task
 from dints3d.cli import main
 from dints3d.spaces.factory import load_architecture
 
 pytestmark = pytest.mark.slow
 
-TINY_SEARCH = [arg for setting in ("search.iterations=8", "search.val_interval=4", "search.checkpoint_interval=4",
-                                   "autodeeplab.num_layers=3", "autodeeplab.num_blocks=2", "data.patch_size=[32,32]")
-               for arg in ("--set", setting)]
 TINY_TRAIN = ["--set", "train.iterations=2", "--set", "train.val_interval=1", "--set", "train.patch_size=[32,32]"]
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
+def searched(prepared_cityscapes, tiny, tmp_path_factory):
+    """(folder for the outputs, the prepared task, seconds the search took)."""
+    prepared = prepared_cityscapes(config="autodeeplab_demo", cases=8, test_cases=0, size=64, seed=0)
     root = tmp_path_factory.mktemp("e2e")
-    folder = make_cityscapes_task(root / "cs", cases=8, test_cases=0, size=64, seed=0)
-    assert main(["prepare", "--task", str(folder), "--out", str(root / "work"), "--config", "autodeeplab_demo"]) == 0
+    settings = ["search.iterations=8", "search.val_interval=4", "search.checkpoint_interval=4", *tiny.autodeeplab,
+                "data.patch_size=[32,32]"]
     start = time.perf_counter()
-    assert main(["search", "--config", "autodeeplab_demo", "--work", str(root / "work"), "--out", str(root / "run"),
-                 *TINY_SEARCH]) == 0
-    return root, folder, time.perf_counter() - start
+    assert main(["search", "--config", "autodeeplab_demo", "--work", str(prepared.work), "--out", str(root / "run"),
+                 *[arg for setting in settings for arg in ("--set", setting)]]) == 0
+    return root, prepared, time.perf_counter() - start
 
 
 def test_tiny_search_writes_architecture_picture_checkpoints_and_events(searched):
@@ -57,10 +55,10 @@ def test_tiny_search_writes_architecture_picture_checkpoints_and_events(searched
 
 
 def test_decoded_network_retrains_and_is_scored_by_the_official_evaluator(searched, capsys):
-    root, folder, _ = searched
-    bundle = root / "bundle"
+    root, prepared, _ = searched
+    folder, bundle = prepared.task, root / "bundle"
     assert main(["export", "--config", "autodeeplab_demo", "--arch", str(root / "run" / "arch.json"),
-                 "--work", str(root / "work"), "--out", str(bundle), *TINY_TRAIN]) == 0
+                 "--work", str(prepared.work), "--out", str(bundle), *TINY_TRAIN]) == 0
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert "dints3d" in meta["required_packages_version"] and "needs dints3d installed" in meta["description"]
     assert meta["data_type"] == "png" and meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 19

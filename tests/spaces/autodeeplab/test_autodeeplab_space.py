@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import F64_RTOL, rel_error
+from support import F64_RTOL, rel_error
 
 from dints3d.config import load_config
 from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
@@ -102,7 +102,7 @@ def test_supernet_follows_its_relaxation(supernet):
     """Two layers, two levels, written out: per_transition H = Σ_t p_t·Cell(H^{l-2}, proj_t(H^{l-1})), mixed_input
     H = Cell(H^{l-2}, Σ_t p_t·proj_t(H^{l-1})); H^{l-2} is the stem's stride-2 output for layer 1 and its stride-4
     output for both nodes of layer 2."""
-    space = tiny_space(supernet, num_layers=2, num_levels=2).eval().double()  # float64: conftest.F64_RTOL
+    space = tiny_space(supernet, num_layers=2, num_levels=2).eval().double()  # float64: support.F64_RTOL
     with torch.no_grad():
         space.beta.normal_()
         x = torch.randn(1, 3, 22, 18, dtype=torch.float64)
@@ -140,7 +140,7 @@ def test_three_dimensional_space_forward_backward():
 
 
 def test_checkpointed_cells_give_the_same_gradients():
-    plain, ckpt = tiny_space().double(), tiny_space(checkpoint_cells=True).double()  # float64: conftest.F64_RTOL
+    plain, ckpt = tiny_space().double(), tiny_space(checkpoint_cells=True).double()  # float64: support.F64_RTOL
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     for space in (plain, ckpt):
@@ -189,21 +189,19 @@ def test_factory_and_config():
         build_search_space(bad, in_channels=3, num_classes=5)
 
 
-def test_tiny_search_on_a_cityscapes_folder(tmp_path):
+def test_tiny_search_on_a_cityscapes_folder(prepared_cityscapes, tiny, tmp_path):
     """The shared engine with this space: synth → prepare → search writes arch.json, arch.png, checkpoints, events."""
-    from dints3d.cityscapes.synthetic import make_cityscapes_task
-    from dints3d.data.prepare import prepare
     from dints3d.search.loop import SearchRun
     from dints3d.spaces.factory import load_architecture
     from dints3d.utils.runtime import init_runtime
 
-    cfg = load_config(None, ["space=autodeeplab", "device=cpu", "autodeeplab.num_layers=3", "autodeeplab.num_blocks=2",
-                             "autodeeplab.filter_multiplier=2", "data.patch_size=[24,24]", "data.batch_size=2",
-                             "search.iterations=4", "search.val_interval=2", "search.checkpoint_interval=2",
-                             "search.amp=false", "search.val_overlap=0.0", "search.lr_schedule=cosine"])
-    task = make_cityscapes_task(tmp_path / "cityscapes", cases=4, test_cases=0, size=32, seed=0)
-    prepare(task, tmp_path / "work", config=cfg, progress=False)
-    run = SearchRun(cfg, tmp_path / "work", tmp_path / "run", init_runtime("cpu"))
+    overrides = ["space=autodeeplab", "device=cpu", *tiny.autodeeplab, "autodeeplab.filter_multiplier=2",
+                 "data.patch_size=[24,24]", "data.batch_size=2", "search.iterations=4", "search.val_interval=2",
+                 "search.checkpoint_interval=2", "search.amp=false", "search.val_overlap=0.0",
+                 "search.lr_schedule=cosine"]
+    cfg = load_config(None, overrides)
+    work = prepared_cityscapes(overrides=overrides, cases=4, test_cases=0, size=32, seed=0).work
+    run = SearchRun(cfg, work, tmp_path / "run", init_runtime("cpu"))
     try:
         path = run.run()
     finally:

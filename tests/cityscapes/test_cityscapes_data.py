@@ -24,8 +24,8 @@ from dints3d.utils.errors import DintsError
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_cityscapes_task(tmp_path_factory.mktemp("cs") / "cs", cases=10, test_cases=1, size=32, seed=4)
+def folder(cityscapes_task):
+    return cityscapes_task(cases=10, test_cases=1, size=32, seed=4)
 
 
 def _files(root: Path) -> dict[str, bytes]:
