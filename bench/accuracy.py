@@ -10,11 +10,11 @@ Candidates, for each fold k (their models are trained on fold k's training cases
 - ``dints-cvpr``: the paper's architecture, sized to the searched network's predicted training memory;
 - ``segresnet`` / ``dynunet``: MONAI's SegResNetDS and the nnU-Net-planned DynUNet at their default width, and
   sized to the searched network's predicted memory (``@mem``, ±5 %: :func:`dints3d.cost.sizing.channel_mul_for_memory`);
-- ``… (dints recipe)``: the searched network and SegResNet trained with the DiNTS paper's recipe instead of nnU-Net's.
+- ``searched (dints recipe)``: the searched network trained with the DiNTS paper's recipe instead of nnU-Net's.
 
 Reported per candidate: Dice per class over the out-of-fold cases (mean ± sd over folds of the fold means), the mean
 foreground Dice, parameters, predicted training peak (CUDA rule, AMP, batch as trained), training wall time per fold
-on this machine. Every stage is skipped when its output exists (rerun to resume). Prints a markdown table per task
+on this machine (one validation, at the end: ``model.pt`` is the final model). Every stage is skipped when its output exists (rerun to resume). Prints a markdown table per task
 and, last, one JSON line; writes ``OUT/<task>/results.json`` and ``OUT/results.md``.
 
     python bench/accuracy.py --out runs/accuracy [--tasks ct brain] [--folds 5] [--iterations 300]
@@ -58,7 +58,7 @@ def settings(args: argparse.Namespace, fold: int) -> list[str]:
         "data.patch_size=null", f"dints.num_blocks={args.blocks}", "dints.num_depths=3", "dints.channel_mul=0.25",
         f"search.iterations={args.search_iterations}", f"search.val_interval={args.search_iterations}",
         f"search.checkpoint_interval={args.search_iterations}", "search.amp=false",
-        f"train.iterations={args.iterations}", f"train.val_interval={max(1, args.iterations // 4)}",
+        f"train.iterations={args.iterations}", f"train.val_interval={args.iterations}",
         "train.batch_size=2", "train.amp=false", f"train.channel_mul={args.channel_mul}",
     ]
 
@@ -91,7 +91,6 @@ def candidates(args: argparse.Namespace, work: Path, arch_file: Path) -> dict[st
         out[f"{name} @mem"] = {"arch": name, "channel_mul": mul, "recipe": "nnunet"}
     for name in ("segresnet", "dynunet"):
         out[f"{name} default"] = {"arch": name, "channel_mul": 1.0, "recipe": "nnunet"}
-    out["segresnet default (dints recipe)"] = {"arch": "segresnet", "channel_mul": 1.0, "recipe": "dints"}
     return out
 
 

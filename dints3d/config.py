@@ -109,6 +109,13 @@ class TrainConfig:
     lr_decay_points: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])  #: dints recipe only
     deep_supervision: bool = True  #: output heads on coarser decoder levels, for networks that have them
     elastic: bool = False  #: nnunet recipe: also elastic deformation (off, as in nnU-Net v2)
+
+    def optimizer_settings(self, recipe: str | None = None) -> dict[str, float]:
+        """``lr``, ``momentum`` and ``weight_decay``: this config's where set, else those of ``recipe`` (default: the
+        configured one)."""
+        defaults = RECIPES[recipe or self.recipe]
+        return {key: float(defaults[key] if getattr(self, key) is None else getattr(self, key))
+                for key in ("lr", "momentum", "weight_decay")}
     batch_size: int = 2
     amp: bool = True
     val_interval: int = 1000
@@ -166,7 +173,11 @@ class Config:
 
 
 SPACES = ("dints", "autodeeplab", "dpc")  #: dpc: random search only (dints3d random-search)
-RECIPES = ("nnunet", "dints")  #: train.recipe
+#: train.recipe → its optimizer defaults (``train.lr``, ``train.momentum``, ``train.weight_decay`` override them)
+RECIPES = {
+    "nnunet": {"lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5, "nesterov": True},
+    "dints": {"lr": 0.025, "momentum": 0.9, "weight_decay": 4e-5, "nesterov": False},
+}
 
 
 def _type_name(tp: Any) -> str:

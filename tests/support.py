@@ -120,3 +120,19 @@ def parse(bundle: Path, *names: str) -> ConfigParser:
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser.parse()
     return parser
+
+
+# --- Bundles with MONAI alone ------------------------------------------------------------------------------------
+
+#: ``python -c BLOCK_DINTS3D monai.bundle run ...``: a process whose import system refuses ``dints3d`` (an editable
+#: install's finder would win over a PYTHONPATH shadow, so the refusal goes first on ``sys.meta_path``)
+BLOCK_DINTS3D = """
+import importlib.abc, runpy, sys
+class _Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "dints3d" or name.startswith("dints3d."):
+            raise ImportError("dints3d must not be needed for inference")
+sys.meta_path.insert(0, _Refuse())
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""

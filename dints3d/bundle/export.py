@@ -19,7 +19,6 @@ from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
 
 import dints3d
 from dints3d.bundle import recipes
-from dints3d.bundle.recipes import optimizer_settings
 from dints3d.bundle.template import (
     arch_source_name,
     bullets,
@@ -79,7 +78,7 @@ def task_settings(arch: Architecture, plan: dict, cfg: Config, bundle_root: Path
     patch = resolve_patch(plan, arch.patch_divisor, arch.patch_requirement,
                           ("train.patch_size", cfg.train.patch_size), ("data.patch_size", cfg.data.patch_size), dims=3)
     t = cfg.train
-    optimizer = optimizer_settings(t)
+    optimizer = t.optimizer_settings()
     common = {
         "bundle_root": str(bundle_root),
         "in_channels": int(plan["in_channels"]),

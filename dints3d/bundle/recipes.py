@@ -19,20 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from dints3d.config import RECIPES, TrainConfig
-
-#: the optimizer settings each recipe defaults to (``train.lr`` etc. override them)
-DEFAULTS = {
-    "nnunet": {"lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5, "nesterov": True},
-    "dints": {"lr": 0.025, "momentum": 0.9, "weight_decay": 4e-5, "nesterov": False},
-}
-assert set(DEFAULTS) == set(RECIPES)
-
-
-def optimizer_settings(train: TrainConfig) -> dict[str, float]:
-    """``lr``, ``momentum`` and ``weight_decay``: the config's where set, else the recipe's."""
-    return {key: float(DEFAULTS[train.recipe][key] if getattr(train, key) is None else getattr(train, key))
-            for key in ("lr", "momentum", "weight_decay")}
+from dints3d.config import RECIPES
 
 KEYS = ["image", "label"]
 
@@ -112,7 +99,7 @@ def augmentation(recipe: str, plan: Mapping, dims: int, elastic: bool = False) -
 def optimizer(recipe: str) -> dict[str, Any]:
     """SGD over the network's parameters with the bundle's ``@learning_rate``, ``@momentum``, ``@weight_decay``."""
     return {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": "@learning_rate",
-            "momentum": "@momentum", "weight_decay": "@weight_decay", "nesterov": DEFAULTS[recipe]["nesterov"]}
+            "momentum": "@momentum", "weight_decay": "@weight_decay", "nesterov": RECIPES[recipe]["nesterov"]}
 
 
 def lr_scheduler(recipe: str) -> dict[str, Any]:

@@ -56,9 +56,9 @@ def task_settings(arch: Architecture, plan: dict, cfg: Config, bundle_root: Path
         "patch_size": patch,
         "num_iterations": int(t.iterations),
         "val_interval": int(t.val_interval),
-        "learning_rate": float(t.lr),
-        "momentum": float(t.momentum),
-        "weight_decay": float(t.weight_decay),
+        # DeepLab's SGD with poly decay: unset settings are the DiNTS recipe's values (not nnU-Net's)
+        **{name: value for name, value in zip(("learning_rate", "momentum", "weight_decay"),
+                                               t.optimizer_settings("dints").values())},
         "batch_size": int(t.batch_size),
         "num_samples": int(d.num_samples),
         "cache_rate": float(d.cache_rate),

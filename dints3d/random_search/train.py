@@ -34,7 +34,9 @@ from dints3d.utils.runtime import Runtime, seed_everything
 
 @dataclass(frozen=True)
 class Schedule:
-    """Optimizer settings of a short run (from ``cfg.train``)."""
+    """Optimizer settings of a short run (from ``cfg.train``; unset ones are the DiNTS recipe's, whose halving
+    schedule the short runs follow)."""
+
     lr: float
     momentum: float
     weight_decay: float
@@ -44,7 +46,8 @@ class Schedule:
     @classmethod
     def from_config(cls, cfg: Config) -> "Schedule":
         t = cfg.train
-        return cls(t.lr, t.momentum, t.weight_decay, tuple(t.lr_decay_points), t.amp)
+        settings = t.optimizer_settings("dints")
+        return cls(settings["lr"], settings["momentum"], settings["weight_decay"], tuple(t.lr_decay_points), t.amp)
 
 
 def train_steps(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], iterations: int,

@@ -58,7 +58,8 @@ def test_configs_parse_and_carry_the_plan(bundle):
     assert (inference["in_channels"], inference["out_channels"], inference["channel_mul"]) == (1, 3, 0.25)
     train = parse(bundle, "train.yaml")
     assert all(i in train for i in TRAIN_IDS)
-    assert (train["num_iterations"], train["val_interval"], train["learning_rate"]) == (2, 1, 0.025)
+    # the learning rate is the default recipe's (nnunet: 0.01) when the config sets none
+    assert (train["num_iterations"], train["val_interval"], train["learning_rate"]) == (2, 1, 0.01)
     assert train["lr_decay_points"] == [0.2, 0.4, 0.6, 0.8] and train["dataset_dir"] == plan["task_dir"]
     assert train["work_dir"] == str(bundle.parent / "work")
     for overlay in ("evaluate.yaml", "multi_gpu_train.yaml"):

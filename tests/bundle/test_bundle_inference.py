@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from support import parse
+from support import BLOCK_DINTS3D, parse
 
 from dints3d.bundle.input_checks import check_image, collect_inputs
 from dints3d.cli import main
@@ -55,18 +55,6 @@ def test_ckpt_export_torchscript_equals_eager(bundle):
         expected = eager.eval()(x)
         assert expected.shape == (1, 3, 32, 32, 32)
         assert torch.allclose(scripted(x), expected, atol=1e-5)
-
-
-BLOCK_DINTS3D = """
-import importlib.abc, runpy, sys
-class _Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "dints3d" or name.startswith("dints3d."):
-            raise ImportError("dints3d must not be needed for inference")
-sys.meta_path.insert(0, _Refuse())
-sys.argv = ["monai.bundle", *sys.argv[1:]]
-runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-"""
 
 
 def test_inference_runs_without_dints3d(bundle, tmp_path):

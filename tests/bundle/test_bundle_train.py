@@ -37,10 +37,10 @@ def test_train_writes_model_and_resumes(bundle, tmp_path):
                        r"checkpoint_epoch=2.pt, model.pt\); continue it with --resume, or train in a fresh bundle"):
         train(bundle, sets=FAST)
     changed = tmp_path / "changed.log"
-    assert train(bundle, sets=FAST + ("learning_rate=0.01",), log=changed, resume=True) == 1
+    assert train(bundle, sets=FAST + ("learning_rate=0.02",), log=changed, resume=True) == 1
     last = changed.read_text().strip().splitlines()[-1]
-    assert last == (f"error: {models / 'checkpoint_epoch=2.pt'}: was trained with other settings: learning_rate 0.025 "
-                    "-> 0.01; revert them or train in a fresh bundle (only num_iterations, num_workers, cache_rate, "
+    assert last == (f"error: {models / 'checkpoint_epoch=2.pt'}: was trained with other settings: learning_rate 0.01 "
+                    "-> 0.02; revert them or train in a fresh bundle (only num_iterations, num_workers, cache_rate, "
                     "sw_batch_size, sw_overlap, max_nonfinite_steps, world_size may change on resume)")
     assert "Traceback" not in changed.read_text() and "Epoch:" not in changed.read_text()
 

@@ -12,36 +12,22 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
+from support import BLOCK_DINTS3D
 
 from dints3d.bundle import runner
 from dints3d.bundle.crossval import cross_validate, held_folds
 from dints3d.cli import main
 from dints3d.data.datalist import read_datalist
-from dints3d.data.prepare import prepare
-from dints3d.data.synthetic import make_msd_task
-from dints3d.config import config_path, load_config
 
 TINY = ["train.iterations=2", "train.val_interval=1", "train.batch_size=1", "train.channel_mul=0.25",
         "data.num_samples=1", "data.patch_size=[32,32,32]"]
 FAST = ("sw_overlap=0.25",)
-BLOCK_DINTS3D = """
-import importlib.abc, runpy, sys
-class _Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "dints3d" or name.startswith("dints3d."):
-            raise ImportError("dints3d must not be needed for inference")
-sys.meta_path.insert(0, _Refuse())
-sys.argv = ["monai.bundle", *sys.argv[1:]]
-runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-"""
+
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cv")
-    make_msd_task(root / "task", cases=4, test_cases=1, size=28, seed=2)
-    prepare(root / "task", root / "work", folds=2, seed=0, config=load_config(config_path("demo")), progress=False)
-    return root / "work"
+def work(prepared_task) -> Path:
+    return prepared_task(folds=2, cases=4, test_cases=1, size=28, seed=2).work
 
 
 def export(work: Path, arch: str, out: Path, *extra: str) -> Path:
@@ -59,7 +45,7 @@ def test_baselines_export_train_and_infer_with_monai_alone(work, arch, tmp_path,
     assert meta["name"].startswith({"segresnet": "SegResNet", "dynunet": "DynUNet"}[arch])
     assert json.loads((bundle / "models" / "arch.json").read_text())["space"] == arch
     assert main(["train", str(bundle), "--set", *FAST]) == 0
-    images = work.parent / "task" / "imagesTs"
+    images = Path(json.loads((work / "plan.json").read_text())["task_dir"]) / "imagesTs"
     done = subprocess.run([sys.executable, "-c", BLOCK_DINTS3D, "monai.bundle", "run", "--config_file",
                            str(bundle / "configs" / "inference.yaml"), "--dataset_dir", str(images), "--output_dir",
                            str(tmp_path / "out")], capture_output=True, text=True, check=False)

@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 from dints3d.bundle import recipes
-from dints3d.config import load_config
+from dints3d.config import RECIPES, load_config
 
 PATCH = [16, 16, 16]
 #: nnU-Net v2's default data augmentation: transform → probability
@@ -133,8 +133,8 @@ def test_dints_recipe_is_the_papers():
                                                                                         0.025 / 16)])
 def test_optimizer_and_schedule(recipe, nesterov, first, last):
     train = load_config(None, [f"train.recipe={recipe}"]).train
-    settings = recipes.optimizer_settings(train)
-    assert settings["lr"] == first and recipes.DEFAULTS[recipe]["momentum"] == settings["momentum"]
+    settings = train.optimizer_settings()
+    assert settings["lr"] == first and RECIPES[recipe]["momentum"] == settings["momentum"]
     network = torch.nn.Linear(2, 2)
     parser = ConfigParser({"network": network, "learning_rate": settings["lr"], "momentum": settings["momentum"],
                            "weight_decay": settings["weight_decay"], "num_iterations": 100,
@@ -150,4 +150,4 @@ def test_optimizer_and_schedule(recipe, nesterov, first, last):
     assert lrs[0] == pytest.approx(first) and optimizer.param_groups[0]["lr"] == pytest.approx(last, abs=1e-12)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never rises
     explicit = load_config(None, [f"train.recipe={recipe}", "train.lr=0.5"]).train
-    assert recipes.optimizer_settings(explicit)["lr"] == 0.5
+    assert explicit.optimizer_settings()["lr"] == 0.5
