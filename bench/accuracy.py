@@ -51,11 +51,15 @@ TASKS = {
 }
 
 
+def patch_of(args: argparse.Namespace) -> list[int]:
+    return [int(p) for p in args.patch.split(",")]
+
+
 def settings(args: argparse.Namespace, fold: int) -> list[str]:
     """The run's config overrides (on top of configs/demo.yaml) for fold ``fold``."""
     return [
         "device=cpu", f"seed={args.seed}", f"data.fold={fold}", "data.num_samples=2", "data.batch_size=1",
-        "data.patch_size=null", f"dints.num_blocks={args.blocks}", "dints.num_depths=3", "dints.channel_mul=0.25",
+        f"data.patch_size=[{args.patch}]", f"dints.num_blocks={args.blocks}", "dints.num_depths=3", "dints.channel_mul=0.25",
         f"search.iterations={args.search_iterations}", f"search.val_interval={args.search_iterations}",
         f"search.checkpoint_interval={args.search_iterations}", "search.amp=false",
         f"train.iterations={args.iterations}", f"train.val_interval={args.iterations}",
@@ -81,7 +85,7 @@ def searched(args: argparse.Namespace, root: Path, work: Path, fold: int) -> Pat
 def candidates(args: argparse.Namespace, work: Path, arch_file: Path) -> dict[str, dict]:
     """Candidate name → architecture source, channel_mul and recipe, sized against the searched network."""
     plan = read_json(work / "plan.json")
-    channels, classes, patch = int(plan["in_channels"]), int(plan["out_channels"]), plan["patch_size"]
+    channels, classes, patch = int(plan["in_channels"]), int(plan["out_channels"]), patch_of(args)
     target = peak_bytes(load_architecture(arch_file), channels, classes, patch, args.channel_mul, PATCHES_PER_STEP, True)
     out = {"searched": {"arch": str(arch_file), "channel_mul": args.channel_mul, "recipe": "nnunet"},
            "searched (dints recipe)": {"arch": str(arch_file), "channel_mul": args.channel_mul, "recipe": "dints"}}
@@ -115,7 +119,7 @@ def run_fold(args: argparse.Namespace, root: Path, work: Path, fold: int, name: 
     model = arch.build(channels, classes, channel_mul=spec["channel_mul"])
     return {"bundle": bundle, "seconds": read_json(timing)["seconds"],
             "parameters": sum(p.numel() for p in model.parameters()),
-            "peak_bytes": peak_bytes(arch, channels, classes, plan["patch_size"], spec["channel_mul"], PATCHES_PER_STEP,
+            "peak_bytes": peak_bytes(arch, channels, classes, patch_of(args), spec["channel_mul"], PATCHES_PER_STEP,
                                     True)}
 
 
@@ -155,7 +159,7 @@ def task_results(args: argparse.Namespace, task: str) -> dict:
             "channel_mul": [f["channel_mul"] for f in folds], "recipe": folds[0]["recipe"],
         }
     result = {"task": task, "cases": len(datalist["training"]), "folds": args.folds, "iterations": args.iterations,
-              "search_iterations": args.search_iterations, "patch": read_json(work / "plan.json")["patch_size"],
+              "search_iterations": args.search_iterations, "patch": patch_of(args),
               "rows": rows}
     write_json(root / "results.json", result)
     return result
@@ -190,6 +194,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--size", type=int, default=48, help="synthetic volume side (voxels)")
+    parser.add_argument("--patch", default="32,32,32", help="training patch of every candidate (multiples of 32)")
     parser.add_argument("--iterations", type=int, default=300, help="training iterations of every candidate")
     parser.add_argument("--search-iterations", type=int, default=120)
     parser.add_argument("--blocks", type=int, default=4, help="DiNTS layers searched")
