@@ -1,37 +1,24 @@
-"""``dints3d demo`` at minimal settings: every stage runs once, writes its output and is skipped on a rerun."""
+"""``dints3d demo`` at minimal settings: the run on the embedded task writes the selection and the predictions of the
+test images, says it cross-validates fewer folds than a real run, and skips every stage on a rerun."""
 
 from __future__ import annotations
 
-import math
+from dints3d.demo import DemoSettings, demo
 
-import pytest
-
-from dints3d.demo import Demo, DemoSettings
-from dints3d.utils.errors import DintsError
-
-MINIMAL = DemoSettings(cases=4, test_cases=1, size=24, folds=2, overrides=[
+MINIMAL = DemoSettings(cases=4, test_cases=1, size=24, folds=2, candidates=["searched", "dynunet"], overrides=[
     "search.iterations=2", "search.val_interval=2", "search.checkpoint_interval=2", "data.num_samples=1",
-    "train.iterations=2", "train.val_interval=2", "train.channel_mul=0.25", "train.batch_size=1"])
-STAGES = ("synth", "prepare", "search", "export", "train", "infer_test", "infer_validation", "infer_untrained",
-          "evaluate", "evaluate_untrained")
+    "train.iterations=2", "train.val_interval=1", "train.channel_mul=0.25", "train.batch_size=1"])
 
 
-def test_demo_runs_every_stage_then_skips_them(tmp_path, capsys):
-    result = Demo(tmp_path, MINIMAL).run()
+def test_demo_runs_the_pipeline_then_skips_it(tmp_path, capsys):
+    result = demo(tmp_path, MINIMAL)
     out = capsys.readouterr().out
-    for stage in STAGES:
-        assert f"[{stage}] done in" in out
-    for key in ("trained", "untrained"):
-        assert 0 <= result[key]["mean_foreground_dice"] <= 1 and not math.isnan(result[key]["mean_foreground_dice"])
-    assert "mean foreground Dice" in out and "untrained" in out
-    assert len(list((tmp_path / "pred_test").glob("*_seg.nii.gz"))) == 1
-    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
-    assert (tmp_path / "eval_pred_validation" / "summary.json").is_file()
+    assert "demo: 2-fold cross-validation" in out and "a real run: dints3d run" in out
+    assert "| candidate | kind |" in out and result["chosen"]["chosen"] in out
+    assert len(list((tmp_path / "predictions").glob("*_seg.nii.gz"))) == 1
+    assert (tmp_path / "final" / "selection" / "selection.json").is_file()
 
-    again = Demo(tmp_path, MINIMAL).run()
+    again = demo(tmp_path, MINIMAL)
     out = capsys.readouterr().out
-    assert all(f"[{stage}] done earlier" in out for stage in STAGES) and "running:" not in out
-    assert again["trained"] == result["trained"]
-
-    with pytest.raises(DintsError, match="other settings"):
-        Demo(tmp_path, DemoSettings(cases=5, size=24))
+    assert "[select] done earlier" in out and "running:" not in out
+    assert again["chosen"] == result["chosen"]

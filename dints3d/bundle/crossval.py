@@ -9,7 +9,14 @@ Layout inside the bundle:
 - ``logs/fold<k>/``: its TensorBoard logs;
 - ``cv/predictions/<case>_seg.nii.gz``: the out-of-fold predictions on each case's own grid;
 - ``cv/cv_metrics.csv``: one row per case and class (fold, Dice, HD95 mm, NSD, …) and ``cv/summary.json``: per class
-  the mean over cases, the mean Dice of each fold and their spread over folds.
+  the mean over cases, the mean Dice of each fold and their spread over folds, and the post-processing chosen on them
+  (:mod:`dints3d.evaluation.postprocess`);
+- ``configs/ensemble.yaml``: the fold models' ensemble with test-time mirroring and that post-processing, which
+  ``dints3d infer`` then uses (:mod:`dints3d.bundle.ensemble`).
+
+The out-of-fold predictions are made as the ensemble will infer: mirrored on every axis (``mirroring``), optionally
+with the class probabilities (``cv/predictions/<case>_prob.nii.gz``, what ``dints3d select`` ensembles candidates
+with).
 
 Every stage is skipped when its output is complete, so a run killed in fold k resumes at fold k (with ``--resume``:
 fold k continues from its newest checkpoint).
@@ -26,17 +33,22 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dints3d.bundle.ensemble import Member, write_ensemble
 from dints3d.bundle.infer import segment
 from dints3d.bundle.input_checks import NIFTI
 from dints3d.bundle.runner import bundle_folder, config_file
 from dints3d.bundle.train import train, train_settings
 from dints3d.data.datalist import read_datalist
 from dints3d.evaluation.metrics import METRICS, case_name, csv_text, score_cases, summarize
+from dints3d.evaluation.postprocess import choose_largest_component
+from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json, write_json, write_text
 
 FOLDS_FILE = "folds.json"
 CV_DIR = "cv"
+#: test-time mirroring of out-of-fold predictions and ensembles: every spatial axis (both recipes mirror them all)
+MIRROR_AXES = [0, 1, 2]
 
 
 def fold_dir(bundle: Path, fold: int) -> Path:
@@ -117,9 +129,11 @@ def _visible_gpus() -> list[int]:
 
 
 def predict_out_of_fold(bundle: str | os.PathLike, folds: Sequence[int], work: str | os.PathLike | None = None,
-                        sets: Sequence[str] = ()) -> dict[str, int]:
-    """Segment each fold's validation cases with that fold's ``model.pt`` into ``cv/predictions``; a fold whose
-    predictions are all there is skipped. Returns case → fold."""
+                        sets: Sequence[str] = (), mirroring: bool = True,
+                        probabilities: bool = False) -> dict[str, int]:
+    """Segment each fold's validation cases with that fold's ``model.pt`` into ``cv/predictions`` (mirrored on every
+    axis with ``mirroring``; also their class probabilities with ``probabilities``); a fold whose predictions are all
+    there is skipped. Returns case → fold."""
     bundle = Path(bundle).absolute()
     work = work_dir(bundle, work)
     out = bundle / CV_DIR / "predictions"
@@ -131,12 +145,15 @@ def predict_out_of_fold(bundle: str | os.PathLike, folds: Sequence[int], work: s
         images = [Path(item["image"]) for item in read_datalist(work, f"fold{k}_validation")]
         names = {case_name(p): p for p in images}
         fold_of.update({name: k for name in names})
-        missing = [p for name, p in names.items() if not (out / f"{name}_seg.nii.gz").is_file()]
+        wanted = ("seg", "prob") if probabilities else ("seg",)
+        missing = [p for name, p in names.items() if not all((out / f"{name}_{w}.nii.gz").is_file() for w in wanted)]
         if not missing:
             print(f"fold {k}: {len(images)} out-of-fold prediction(s) present, skipped", flush=True)
             continue
         print(f"fold {k}: predicting {len(missing)} validation case(s) with {model}", flush=True)
-        result = segment(bundle, missing, out, NIFTI, ["inference.yaml"], [*sets, f"ckpt_path={model}"])
+        options = [f"ckpt_path={model}", f"mirror_axes={MIRROR_AXES if mirroring else []}",
+                   f"save_probabilities={str(probabilities).lower()}", "largest_component_labels=[]"]
+        result = segment(bundle, missing, out, NIFTI, ["inference.yaml"], [*sets, *options])
         if result.failures:
             path, problem = next(iter(result.failures.items()))
             raise DintsError(path, f"fold {k}: {problem}")
@@ -158,7 +175,7 @@ def score_predictions(preds: dict[str, Path], fold_of: dict[str, int], work: Pat
     (a row per case and class, with its fold) and ``out_dir/summary.json``: per class the mean over cases; the mean
     foreground Dice of each fold, and their mean and standard deviation over folds. Returns the summary."""
     plan = read_json(work / "plan.json")
-    labels = {case_name(Path(item["image"])): Path(item["label"]) for item in read_datalist(work, "training")}
+    labels = case_labels(work)
     known = {int(k): str(v) for k, v in plan["labels"].items() if int(k) != 0}
     rows, class_names = score_cases(preds, labels, known, nsd_tolerance_mm, str(work / "plan.json"))
     for row in rows:
@@ -188,8 +205,9 @@ def score_predictions(preds: dict[str, Path], fold_of: dict[str, int], work: Pat
 
 def cross_validate(bundle: str | os.PathLike, folds_text: str = "all", work: str | os.PathLike | None = None,
                    sets: Sequence[str] = (), resume: bool | str = False, device: str = "auto", nproc: int = 1,
-                   parallel: int = 1) -> dict | None:
-    """Train the folds, predict out of fold, score; the summary, or ``None`` if a fold's training failed."""
+                   parallel: int = 1, mirroring: bool = True, probabilities: bool = False) -> dict | None:
+    """Train the folds, predict out of fold, score, choose the post-processing and write the fold models' ensemble;
+    the summary, or ``None`` if a fold's training failed."""
     bundle = Path(bundle).absolute()
     work = work_dir(bundle, work)
     num_folds = int(read_json(work / "datalist.json").get("num_folds", 1))
@@ -199,7 +217,23 @@ def cross_validate(bundle: str | os.PathLike, folds_text: str = "all", work: str
     if failed:
         print(f"fold(s) {', '.join(map(str, failed))} failed; rerun with --resume to continue them", flush=True)
         return None
-    return score_out_of_fold(bundle, predict_out_of_fold(bundle, folds, work), work)
+    fold_of = predict_out_of_fold(bundle, folds, work, mirroring=mirroring, probabilities=probabilities)
+    summary = score_out_of_fold(bundle, fold_of, work)
+    labels = case_labels(work)
+    preds = {name: bundle / CV_DIR / "predictions" / f"{name}_seg.nii.gz" for name in fold_of}
+    summary["postprocessing"] = choose_largest_component(preds, labels, [int(c) for c in summary["classes"]])
+    summary["mirror_axes"] = MIRROR_AXES if mirroring else []
+    write_json(bundle / CV_DIR / "summary.json", summary)
+    held = [int(k) for k in held_folds(bundle)["folds"]]
+    write_ensemble(bundle, [Member(load_architecture(bundle / "models" / "arch.json"), "models/arch.json",
+                                   tuple(f"models/fold{k}/model.pt" for k in held))],
+                   summary["mirror_axes"], summary["postprocessing"]["largest_component_labels"])
+    return summary
+
+
+def case_labels(work: Path) -> dict[str, Path]:
+    """Training case → its label file, from the prepared task's datalist."""
+    return {case_name(Path(item["image"])): Path(item["label"]) for item in read_datalist(work, "training")}
 
 
 def format_summary(summary: dict, bundle: Path) -> str:
@@ -214,5 +248,11 @@ def format_summary(summary: dict, bundle: Path) -> str:
         dice = entry["dice"]
         lines.append(f"  {entry['name']}: Dice {fmt(dice['mean'])} ± {fmt(dice['std'])}  HD95 "
                      f"{fmt(entry['hd95_mm']['mean'])} mm  NSD {fmt(entry['nsd']['mean'])}")
-    lines.append(f"wrote {bundle / CV_DIR / 'cv_metrics.csv'} and {bundle / CV_DIR / 'summary.json'}")
+    post = summary.get("postprocessing")
+    if post is not None:
+        kept = [summary["classes"][str(c)]["name"] for c in post["largest_component_labels"]]
+        lines.append("post-processing: largest connected component of " + (", ".join(kept) if kept else "no class") +
+                     " (chosen where it raises the out-of-fold Dice)")
+    lines.append(f"wrote {bundle / CV_DIR / 'cv_metrics.csv'}, {bundle / CV_DIR / 'summary.json'} and the fold "
+                 f"models' ensemble {bundle / 'configs' / 'ensemble.yaml'}")
     return "\n".join(lines)

@@ -42,11 +42,11 @@ TEMPLATE = "dints_msd"
 #: configs with a task-settings block (the others are overrides of train.yaml)
 FILLED_CONFIGS = ("inference.yaml", "train.yaml", "search.yaml")
 COPIED_FILES = ("configs/evaluate.yaml", "configs/multi_gpu_train.yaml", "configs/multi_gpu_inference.yaml",
-                "configs/logging.conf", "LICENSE", "models/README.md")
+                "configs/logging.conf", "LICENSE", "models/README.md", "scripts/__init__.py", "scripts/ensemble.py")
 #: metadata ``required_packages_version`` (besides MONAI, PyTorch and NumPy): what the bundle's configs use, dints3d
 #: included because train.yaml and search.yaml need it. MONAI's tools read only this standard key, so the split
 #: (inference and evaluation need none of dints3d) is stated in the description (:data:`MONAI_ONLY`).
-REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite", "fire", "tensorboard", "dints3d")
+REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite", "fire", "tensorboard", "scikit-image", "dints3d")
 MONAI_ONLY = ("Inference and evaluation need MONAI only: of the required packages, dints3d is needed solely for "
               "training (configs/train.yaml, whose dints3d handlers give atomic checkpoints, exact resume and skipping "
               "of non-finite steps) and for re-running the architecture search (configs/search.yaml).")

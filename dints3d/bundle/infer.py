@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dints3d.bundle.ensemble import ensemble_configs
 from dints3d.bundle.input_checks import NIFTI, InputKind, collect_inputs
 from dints3d.bundle.runner import (
     InferResult,
@@ -72,10 +73,11 @@ def segment(bundle: str | os.PathLike, inputs: list[str | os.PathLike], out: str
 
 def infer_nifti(bundle: str | os.PathLike, inputs: list[str | os.PathLike], out: str | os.PathLike,
                 sets: list[str] | tuple[str, ...] = (), log: Path | None = None, nproc: int = 1) -> InferResult:
-    """Segment the NIfTI files and folders ``inputs`` into ``out/<case>_seg.nii.gz``; every input is read completely
-    first (:mod:`dints3d.bundle.input_checks`), the cases are split across ``nproc`` processes by
+    """Segment the NIfTI files and folders ``inputs`` into ``out/<case>_seg.nii.gz`` with the bundle's model, or its
+    ensemble when it has one (``configs/ensemble.yaml``, :mod:`dints3d.bundle.ensemble`); every input is read
+    completely first (:mod:`dints3d.bundle.input_checks`), the cases are split across ``nproc`` processes by
     ``multi_gpu_inference.yaml``."""
-    configs = ["inference.yaml", "multi_gpu_inference.yaml"] if nproc > 1 else ["inference.yaml"]
+    configs = ensemble_configs(bundle) + (["multi_gpu_inference.yaml"] if nproc > 1 else [])
     return segment(bundle, inputs, out, NIFTI, configs, sets, log, nproc)
 
 

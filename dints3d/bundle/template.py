@@ -75,6 +75,11 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
+def dump_yaml(data: Any) -> str:
+    """YAML text of ``data`` without anchors and aliases."""
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, width=120, allow_unicode=True)
+
+
 def fill_yaml(text: str, values: dict[str, Any], source: str) -> str:
     """Replace the value of each top-level key of ``values`` in the YAML ``text`` (the key's line and its indented
     continuation lines), keeping everything else (comments included). Every key must occur exactly once."""

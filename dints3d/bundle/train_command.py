@@ -32,6 +32,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "predict each fold's validation cases with its model and score them (cv/cv_metrics.csv, "
                              "cv/summary.json); with --resume, finished folds are skipped and an interrupted one "
                              "continues. Without --folds: one model on the fold the bundle was exported with")
+    parser.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --folds: test-time mirroring (every axis) of the out-of-fold predictions and of "
+                             "the fold models' ensemble (default on; 8 passes per model in 3D)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="with --folds: also keep the out-of-fold class probabilities (cv/predictions/"
+                             "<case>_prob.nii.gz, float32: classes × the image's voxels × 4 bytes each), which "
+                             "`dints3d select` needs to score an ensemble of two candidates")
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="with --folds: train N folds at a time, each in its own process (one per GPU when "
                              "there are several); default 1")
@@ -43,7 +50,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise DintsError("--parallel", f"must be ≥ 1, got {args.parallel}")
     if args.folds is not None:
         summary = cross_validate(args.bundle, args.folds, args.work, args.sets, "auto" if resume else False,
-                                 args.device, args.nproc, args.parallel)
+                                 args.device, args.nproc, args.parallel, args.mirroring, args.save_probabilities)
         if summary is None:
             return 1
         print(format_summary(summary, Path(args.bundle).absolute()))

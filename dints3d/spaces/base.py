@@ -64,10 +64,10 @@ class Architecture(abc.ABC):
         ``channel_mul``."""
         return {}
 
-    def bundle_network(self) -> dict[str, Any]:
+    def bundle_network(self, arch_ref: str = "@arch") -> dict[str, Any]:
         """The network as a MONAI bundle config item (MONAI classes only, so the bundle infers with MONAI alone),
-        built from the bundle's ``@in_channels``, ``@out_channels``, ``@channel_mul`` and ``@arch`` (the parsed
-        ``models/arch.json``)."""
+        built from the bundle's ``@in_channels``, ``@out_channels``, ``@channel_mul`` and, where the space reads it,
+        ``arch_ref`` (a reference to the parsed ``arch.json``)."""
         raise DintsError(self.space, "architectures of this space have no MONAI-only form; export them with a "
                          "task format whose bundle builds them with dints3d")
 

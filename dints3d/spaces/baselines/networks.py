@@ -142,7 +142,7 @@ class SegResNetArchitecture(Architecture):
         logits, finest first)."""
         return SegResNetDS(in_channels=in_channels, out_channels=out_channels, **self.network_arguments(channel_mul))
 
-    def bundle_network(self) -> dict[str, Any]:
+    def bundle_network(self, arch_ref: str = "@arch") -> dict[str, Any]:
         arguments = self.network_arguments()
         arguments["init_filters"] = f"$max(1, round({self.init_filters} * @channel_mul))"
         return {"_target_": "SegResNetDS", "in_channels": "@in_channels", "out_channels": "@out_channels",
@@ -231,7 +231,7 @@ class DynUNetArchitecture(Architecture):
         stacked on dim 1, ``B (1 + deep_supr_num) out_channels [spatial]``)."""
         return DynUNet(in_channels=in_channels, out_channels=out_channels, **self.network_arguments(channel_mul))
 
-    def bundle_network(self) -> dict[str, Any]:
+    def bundle_network(self, arch_ref: str = "@arch") -> dict[str, Any]:
         arguments = self.network_arguments()
         arguments["filters"] = f"$[max(1, round(f * @channel_mul)) for f in {self.filters}]"
         return {"_target_": "DynUNet", "in_channels": "@in_channels", "out_channels": "@out_channels", **arguments}

@@ -183,19 +183,20 @@ class DintsArchitecture(Architecture):
     def figure(self, title: str | None = None):
         return dints_figure(self, title)
 
-    def bundle_network(self) -> dict[str, Any]:
-        """MONAI's ``TopologyInstance`` + ``DiNTS`` from the bundle's ``models/arch.json`` (``@arch``)."""
+    def bundle_network(self, arch_ref: str = "@arch") -> dict[str, Any]:
+        """MONAI's ``TopologyInstance`` + ``DiNTS`` from the bundle's ``models/arch.json`` (``arch_ref``)."""
+        a = "$" + arch_ref
         return {
             "_target_": "DiNTS",
             "dints_space": {
-                "_target_": "TopologyInstance", "channel_mul": "@channel_mul", "num_blocks": "$@arch['num_blocks']",
-                "num_depths": "$@arch['num_depths']", "spatial_dims": "$@arch['spatial_dims']",
-                "use_downsample": "$@arch['use_downsample']",
-                "arch_code": "$[np.array(@arch['arch_code_a'], dtype='float64'), "
-                             "np.array(@arch['arch_code_c'], dtype='int64')]",
+                "_target_": "TopologyInstance", "channel_mul": "@channel_mul", "num_blocks": f"{a}['num_blocks']",
+                "num_depths": f"{a}['num_depths']", "spatial_dims": f"{a}['spatial_dims']",
+                "use_downsample": f"{a}['use_downsample']",
+                "arch_code": f"$[np.array({arch_ref}['arch_code_a'], dtype='float64'), "
+                             f"np.array({arch_ref}['arch_code_c'], dtype='int64')]",
             },
-            "in_channels": "@in_channels", "num_classes": "@out_channels", "spatial_dims": "$@arch['spatial_dims']",
-            "use_downsample": "$@arch['use_downsample']", "node_a": "$torch.tensor(@arch['node_a'])",
+            "in_channels": "@in_channels", "num_classes": "@out_channels", "spatial_dims": f"{a}['spatial_dims']",
+            "use_downsample": f"{a}['use_downsample']", "node_a": f"$torch.tensor({arch_ref}['node_a'])",
         }
 
     def build(self, in_channels: int, out_channels: int, channel_mul: float = 1.0, **kwargs: Any) -> nn.Module:
