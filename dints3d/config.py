@@ -78,6 +78,7 @@ class SearchConfig:
     arch_weight_decay: float = 0.0
     scale_lr: bool = True  #: multiply learning rates by the number of processes (reference recipe)
     ram_cost_factor: float = 0.8  #: σ, target memory ratio M/M_full
+    hard_budget: bool = True  #: decode the best topology whose memory ratio is ≤ σ (false: the soft penalty alone)
     memory_budget_gb: float | None = None  #: if set, overrides σ from a predicted training memory in GB
     entropy_weight: float = 1.0
     memory_weight: float = 1.0

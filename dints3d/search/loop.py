@@ -265,7 +265,7 @@ class SearchRun:
 
     @torch.no_grad()
     def decode(self, dice: list | None = None):
-        arch, info = self.space.decode()
+        arch, info = self.space.decode(self.input_shape)
         facts = self.space.architecture_facts(arch, self.input_shape)
         info.update(facts)
         arch.provenance = {
@@ -276,7 +276,9 @@ class SearchRun:
             "validation_dice": _json_scores(dice if dice is not None else self.state.last_dice),
             "validation_metric": validation_metric(self.plan)[0],
             **facts,
-            **({"memory_budget": self.budget} if self.budget else {}),
+            **({"memory_budget": self.budget, "predicted_memory_gb": self.budget["intercept_gb"]
+                + self.budget["slope_gb"] * facts["estimated_memory_ratio"]}
+               if self.budget and "estimated_memory_ratio" in facts else {}),
             "decode": {k: v for k, v in info.items() if k not in facts},
             "patch_size": self.patch,
             "config": config_to_dict(self.cfg),

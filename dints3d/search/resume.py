@@ -23,6 +23,7 @@ RESUME_MAY_CHANGE = (
     "search.lr", "search.arch_lr", "search.amp", "search.max_nonfinite_steps", "search.iterations",
     "search.val_interval", "search.checkpoint_interval", "search.val_sw_batch_size", "search.val_overlap",
     "search.check_replicas", "search.checkpoint_cells", "search.checkpoint_fraction", "search.cpu_conv_routing",
+    "search.hard_budget",
     "data.num_workers",
 )
 

@@ -100,8 +100,9 @@ class SearchSpace(nn.Module, abc.ABC):
         relative to each other as documented in ``docs/search.md``; the loop only ramps their sum)."""
 
     @abc.abstractmethod
-    def decode(self) -> tuple[Architecture, dict]:
-        """The current discrete architecture and scalar facts about the decoding (for logs)."""
+    def decode(self, input_shape: tuple[int, ...] | None = None) -> tuple[Architecture, dict]:
+        """The current discrete architecture and scalar facts about the decoding (for logs); ``input_shape``
+        (``BC[spatial]``) where the decoding depends on sizes (a memory budget)."""
 
     #: every side of an input patch must be a multiple of this
     patch_divisor: int = 1

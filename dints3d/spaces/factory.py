@@ -62,7 +62,7 @@ def build_search_space(cfg: Config, in_channels: int, num_classes: int) -> Searc
             channel_mul=d.channel_mul, use_downsample=d.use_downsample, spatial_dims=d.spatial_dims,
             ram_cost_factor=s.ram_cost_factor, entropy_weight=s.entropy_weight, memory_weight=s.memory_weight,
             topology_weight=s.topology_weight, checkpoint_cells=s.checkpoint_cells,
-            checkpoint_fraction=s.checkpoint_fraction, cpu_conv_routing=s.cpu_conv_routing,
+            checkpoint_fraction=s.checkpoint_fraction, cpu_conv_routing=s.cpu_conv_routing, hard_budget=s.hard_budget,
         )
     if cfg.space == "autodeeplab":
         a = cfg.autodeeplab

@@ -258,7 +258,7 @@ class AutoDeepLabSearchSpace(SearchSpace):
         return {"path_log_probability": sum(steps), "final_stride": float(arch.strides[-1])}
 
     @torch.no_grad()
-    def decode(self) -> tuple[AutoDeepLabArchitecture, dict]:
+    def decode(self, input_shape: tuple[int, ...] | None = None) -> tuple[AutoDeepLabArchitecture, dict]:
         path, log_prob = self._path()
         cell = decode_cell(self.alpha, self.num_blocks)
         arch = AutoDeepLabArchitecture(network_path=path, cell=cell, filter_multiplier=self.filter_multiplier,

@@ -7,6 +7,13 @@ O(L·N) time and memory.
 
 Costs (as in MONAI): picking pattern c at layer l costs −log(P_l(c) + 1e-5) + 0.001, reaching the sink 0.001.
 Shapes: L layers, D resolutions, P = 3D − 2 paths, K cell ops, N patterns, S = 2^D − 1 node sets.
+
+Hard memory budget (:func:`decode_within_budget`): the memory of a chain is a sum over its layers of its patterns'
+memory (each active path's cell, :meth:`~dints3d.spaces.dints.supernet.DintsSearchSpace.pattern_memory`), so the
+cheapest chain under a budget is a resource-constrained DP over (node set, memory used) with memory discretised in
+``bins`` steps of budget / bins. Each pattern's memory is rounded *up* to whole steps, so a chain the DP admits never
+exceeds the budget; the price is that chains within L steps of the budget may be missed (the optimality gap is that
+of the best chain with at most budget − L·step memory).
 """
 
 from __future__ import annotations
@@ -100,6 +107,93 @@ class _SetMinimum:
         return minima, self.order[first]
 
 
+def _decoded(chosen: np.ndarray, total: float, probs: np.ndarray, log_alpha_c: torch.Tensor,
+             topology: DintsTopology) -> DecodedTopology:
+    """The architecture of a chain of pattern indices (L,)."""
+    patterns = topology.patterns.cpu().numpy().astype(np.int64)
+    node_sets = topology.node_sets.cpu().numpy()
+    in_set = topology.pattern_in_set.cpu().numpy()
+    out_set = topology.pattern_out_set.cpu().numpy()
+    arch_code_a = patterns[chosen]
+    node_a = np.concatenate([node_sets[in_set[chosen[:1]]], node_sets[out_set[chosen]]]).astype(np.int64)
+    arch_code_a_max = patterns[np.argmax(probs, axis=-1)]
+    # softmax is monotone, so the argmax of the logits is the argmax of the op probabilities.
+    arch_code_c = log_alpha_c.detach().cpu().argmax(-1).numpy().astype(np.int64)
+    return DecodedTopology(
+        node_a=node_a,
+        arch_code_a=arch_code_a,
+        arch_code_c=arch_code_c,
+        arch_code_a_max=arch_code_a_max,
+        cost=total,
+        unconstrained_connected=chain_is_feasible(arch_code_a_max, topology),
+        num_active_paths=int(arch_code_a.sum()),
+    )
+
+
+def _check_shapes(log_alpha_a: torch.Tensor, log_alpha_c: torch.Tensor, topology: DintsTopology) -> None:
+    num_layers, num_paths = log_alpha_a.shape
+    if num_paths != topology.num_paths or tuple(log_alpha_c.shape[:2]) != (num_layers, num_paths):
+        raise ValueError(
+            f"log_alpha_a {tuple(log_alpha_a.shape)} and log_alpha_c {tuple(log_alpha_c.shape)} do not match "
+            f"num_depths={topology.num_depths} ({topology.num_paths} paths per layer)"
+        )
+
+
+def decode_within_budget(log_alpha_a: torch.Tensor, log_alpha_c: torch.Tensor, topology: DintsTopology,
+                         pattern_memory: np.ndarray, budget: float, bins: int = 400) -> DecodedTopology | None:
+    """The cheapest feasible chain whose memory Σ_l pattern_memory[l, c_l] stays ≤ ``budget`` (see the module
+    docstring), or ``None`` if no connected chain fits. When the unconstrained optimum fits, it is returned as
+    :func:`decode_topology` returns it.
+
+    Args:
+        pattern_memory: (L, N) ≥ 0, memory of each pattern at each layer (same unit as ``budget``).
+        budget: > 0.
+        bins: memory steps of budget / bins.
+    """
+    free = decode_topology(log_alpha_a, log_alpha_c, topology)
+    layers = np.arange(free.arch_code_a.shape[0])
+    if pattern_memory[layers, binary_index(free.arch_code_a)].sum() <= budget:
+        return free
+    num_layers = len(layers)
+    probs = pattern_probabilities(log_alpha_a.detach().to("cpu", torch.float64), topology.patterns.cpu()).numpy()
+    costs = _pattern_costs(probs)
+    in_set = topology.pattern_in_set.cpu().numpy()
+    out_set = topology.pattern_out_set.cpu().numpy()
+    step = budget / bins
+    weight = np.ceil(np.asarray(pattern_memory, dtype=np.float64) / step - 1e-9).astype(np.int64)  # rounded up
+    width = bins + 1
+    start = np.full(width, np.inf)
+    start[0] = 0.0
+    # reach[s, m]: cheapest chain of layers 0..l ending in node set s after m memory steps; choice[l, s, m]: its
+    # layer-l pattern; before[l, s, m]: the memory steps used before that pattern.
+    reach = np.full((topology.num_node_sets, width), np.inf)
+    choice = np.full((num_layers, topology.num_node_sets, width), -1, dtype=np.int64)
+    before = np.zeros((num_layers, topology.num_node_sets, width), dtype=np.int64)
+    for layer in range(num_layers):
+        new = np.full_like(reach, np.inf)
+        for c in np.flatnonzero(weight[layer] <= bins):
+            w = weight[layer, c]
+            source = start if layer == 0 else reach[in_set[c]]
+            candidate = np.full(width, np.inf)
+            candidate[w:] = source[: width - w] + costs[layer, c]
+            better = candidate < new[out_set[c]]
+            if better.any():
+                new[out_set[c], better] = candidate[better]
+                choice[layer, out_set[c], better] = c
+                before[layer, out_set[c], better] = np.flatnonzero(better) - w
+        reach = new
+    if not np.isfinite(reach).any():
+        return None
+    node_set, used = np.unravel_index(int(np.argmin(reach)), reach.shape)
+    total = float(reach[node_set, used]) + EDGE_COST
+    chosen = np.empty(num_layers, dtype=np.int64)
+    for layer in range(num_layers - 1, -1, -1):
+        chosen[layer] = choice[layer, node_set, used]
+        used = before[layer, node_set, used]
+        node_set = in_set[chosen[layer]]
+    return _decoded(chosen, total, probs, log_alpha_c, topology)
+
+
 def decode_topology(
     log_alpha_a: torch.Tensor, log_alpha_c: torch.Tensor, topology: DintsTopology
 ) -> DecodedTopology:
@@ -112,17 +206,11 @@ def decode_topology(
     Returns:
         :class:`DecodedTopology`.
     """
-    num_layers, num_paths = log_alpha_a.shape
-    if num_paths != topology.num_paths or tuple(log_alpha_c.shape[:2]) != (num_layers, num_paths):
-        raise ValueError(
-            f"log_alpha_a {tuple(log_alpha_a.shape)} and log_alpha_c {tuple(log_alpha_c.shape)} do not match "
-            f"num_depths={topology.num_depths} ({topology.num_paths} paths per layer)"
-        )
+    _check_shapes(log_alpha_a, log_alpha_c, topology)
+    num_layers = log_alpha_a.shape[0]
     beta = log_alpha_a.detach().to("cpu", torch.float64)
     probs = pattern_probabilities(beta, topology.patterns.cpu()).numpy()
     costs = _pattern_costs(probs)
-    patterns = topology.patterns.cpu().numpy().astype(np.int64)
-    node_sets = topology.node_sets.cpu().numpy()
     in_set = topology.pattern_in_set.cpu().numpy()
     out_set = topology.pattern_out_set.cpu().numpy()
     set_minimum = _SetMinimum(out_set)
@@ -139,18 +227,4 @@ def decode_topology(
     for layer in range(num_layers - 1, -1, -1):
         chosen[layer] = best[layer, node_set]
         node_set = in_set[chosen[layer]]
-
-    arch_code_a = patterns[chosen]
-    node_a = np.concatenate([node_sets[in_set[chosen[:1]]], node_sets[out_set[chosen]]]).astype(np.int64)
-    arch_code_a_max = patterns[np.argmax(probs, axis=-1)]
-    # softmax is monotone, so the argmax of the logits is the argmax of the op probabilities.
-    arch_code_c = log_alpha_c.detach().cpu().argmax(-1).numpy().astype(np.int64)
-    return DecodedTopology(
-        node_a=node_a,
-        arch_code_a=arch_code_a,
-        arch_code_c=arch_code_c,
-        arch_code_a_max=arch_code_a_max,
-        cost=total,
-        unconstrained_connected=chain_is_feasible(arch_code_a_max, topology),
-        num_active_paths=int(arch_code_a.sum()),
-    )
+    return _decoded(chosen, total, probs, log_alpha_c, topology)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiNTS, TopologySearch
@@ -25,9 +26,10 @@ from dints3d.spaces.dints import regularizers as reg
 from dints3d.spaces.dints.architecture import DintsArchitecture, quiet_monai
 from dints3d.spaces.dints.cells import accumulate, activation, cell_forward
 from dints3d.spaces.dints.cpu_conv import route_cpu_convolutions
-from dints3d.spaces.dints.decode import decode_topology
+from dints3d.spaces.dints.decode import decode_topology, decode_within_budget
 from dints3d.spaces.dints.relaxation import path_probabilities, pattern_probabilities
 from dints3d.spaces.dints.topology import DintsTopology, patch_divisor
+from dints3d.utils.errors import DintsError
 
 
 class _SupernetTopology(TopologySearch):
@@ -77,6 +79,8 @@ class DintsSearchSpace(SearchSpace):
         entropy_weight, memory_weight, topology_weight: relative weights of the regularizers (docs/search.md).
         checkpoint_cells: recompute cell activations in backward to save memory.
         checkpoint_fraction: with ``checkpoint_cells``, the fraction of blocks (the first ones) checkpointed.
+        hard_budget: decode the best topology whose memory ratio is at most σ (the soft penalty alone lets the
+            decoded network land above it).
         cpu_conv_routing: run batch-1 CPU fp32 convolutions through oneDNN where PyTorch would pick its slower
             ``slow_conv3d`` (:mod:`dints3d.spaces.dints.cpu_conv`; no effect on CUDA or under autocast).
     """
@@ -97,6 +101,7 @@ class DintsSearchSpace(SearchSpace):
         checkpoint_cells: bool = False,
         checkpoint_fraction: float = 1.0,
         cpu_conv_routing: bool = True,
+        hard_budget: bool = True,
     ):
         super().__init__()
         self.topology_space = _SupernetTopology(
@@ -121,6 +126,7 @@ class DintsSearchSpace(SearchSpace):
                             use_downsample=use_downsample, spatial_dims=spatial_dims,
                             cpu_conv_routing=cpu_conv_routing)
         self.ram_cost_factor = ram_cost_factor
+        self.hard_budget = hard_budget
         self.entropy_weight, self.memory_weight, self.topology_weight = entropy_weight, memory_weight, topology_weight
         self.topology = DintsTopology(num_depths)
         self.register_buffer("ram_cost", torch.as_tensor(self.topology_space.ram_cost, dtype=torch.float32), persistent=False)
@@ -182,6 +188,16 @@ class DintsSearchSpace(SearchSpace):
         full = ((1 + cost.mean(-1)) * sizes).sum()
         return float(used / full)
 
+    def pattern_memory(self, input_shape: tuple[int, ...]) -> np.ndarray:
+        """(L, N) float64: each path pattern's share of :meth:`discrete_memory_ratio` at each layer, with every path's
+        operation the argmax of α (as decoded), so an architecture's ratio is the sum of its patterns' entries."""
+        sizes = self._path_sizes(input_shape).double().cpu()
+        cost = self.ram_cost.double().cpu()
+        ops = self.log_alpha_c.detach().argmax(-1).cpu().unsqueeze(-1)
+        per_path = (1 + cost.gather(-1, ops).squeeze(-1)) * sizes  # (L, P)
+        full = ((1 + cost.mean(-1)) * sizes).sum()
+        return (per_path @ self.topology.patterns.cpu().double().T / full).numpy()
+
     def regularizers(self, input_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         probs = pattern_probabilities(self.log_alpha_a, self.patterns)
         entropy = reg.path_entropy(probs) + reg.op_entropy(self.log_alpha_c)
@@ -204,8 +220,20 @@ class DintsSearchSpace(SearchSpace):
                 "ram_cost_factor": self.ram_cost_factor}
 
     @torch.no_grad()
-    def decode(self) -> tuple[DintsArchitecture, dict]:
-        result = decode_topology(self.log_alpha_a.detach(), self.log_alpha_c.detach(), self.topology)
+    def decode(self, input_shape: tuple[int, ...] | None = None) -> tuple[DintsArchitecture, dict]:
+        """The cheapest connected topology; with ``hard_budget`` (and an ``input_shape`` for the feature sizes), the
+        cheapest whose memory ratio stays ≤ σ (:func:`~dints3d.spaces.dints.decode.decode_within_budget`)."""
+        alpha_a, alpha_c = self.log_alpha_a.detach(), self.log_alpha_c.detach()
+        if self.hard_budget and input_shape is not None:
+            result = decode_within_budget(alpha_a, alpha_c, self.topology, self.pattern_memory(input_shape),
+                                          self.ram_cost_factor)
+            if result is None:
+                smallest = self.pattern_memory(input_shape).min(-1).sum()
+                raise DintsError("search.ram_cost_factor", f"no connected topology fits σ = {self.ram_cost_factor:g} "
+                                 f"of the supernet's memory (the smallest needs about {smallest:.3f}); raise it, or "
+                                 "set search.hard_budget=false to decode without the budget")
+        else:
+            result = decode_topology(alpha_a, alpha_c, self.topology)
         arch = DintsArchitecture(
             node_a=result.node_a,
             arch_code_a=result.arch_code_a,
@@ -221,5 +249,6 @@ class DintsSearchSpace(SearchSpace):
             # and whether they form a connected chain: the discretization gap the topology loss should close
             "argmax_arch_code_a": result.arch_code_a_max.tolist(),
             "argmax_connected": bool(result.unconstrained_connected),
+            "hard_budget": bool(self.hard_budget and input_shape is not None),
         }
         return arch, info
