@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "Dice, HD95, NSD of masks vs labels; --format cityscapes: mean IoU (official)"),
     "import-arch": ("dints3d.spaces.dints.arch_import", "convert a torch-pickled DiNTS arch file to arch.json"),
     "describe": ("dints3d.cost.describe", "parameters, multiply-adds and memory of an architecture or preset"),
+    "fit": ("dints3d.cost.fit_command",
+            "the settings that fit a GPU of a given size (search and retraining), written as config overlays"),
     "demo": ("dints3d.demo", "synthetic task → prepare → search → export → train → infer → evaluate"),
     "random-search": ("dints3d.random_search.run", "random search: DPC cells on cached features, or DiNTS baselines"),
 }
