@@ -47,6 +47,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import nibabel as nib
+import numpy as np
 import torch
 import torch.distributed as dist
 from monai.bundle import ConfigParser
@@ -71,7 +73,6 @@ from dints3d.cost.memory import (  # noqa: E402
 from dints3d.data.dataset import load_items, load_plan, make_dataset  # noqa: E402
 from dints3d.data.prepare import prepare  # noqa: E402
 from dints3d.data.stream import PatchStream, stream_loader  # noqa: E402
-from dints3d.data.synthetic import make_msd_task  # noqa: E402
 from dints3d.data.transforms import train_transforms  # noqa: E402
 from dints3d.spaces.factory import load_architecture  # noqa: E402
 from dints3d.utils import runtime as runtime_module  # noqa: E402
@@ -561,9 +562,42 @@ def _summary(name: str, r: dict) -> str:
     return json.dumps(r)
 
 
+def sphere_task(out: Path, cases: int = 8, test_cases: int = 2, size: int = 64, seed: int = 0) -> Path:
+    """A CT-like MSD task without ``dints3d synth`` (which needs scipy): per case a noisy ``size``³ volume at 1 mm
+    holding an ellipsoidal body (40 HU), an organ sphere (label 1, 100 HU) and a lesion in it (label 2, 60 HU)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij")).astype(np.float32)
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    training, test = [], []
+    for index in range(cases + test_cases):
+        centre = size / 2 + rng.uniform(-size / 8, size / 8, 3)
+        radius, lesion = size * rng.uniform(0.15, 0.22), size * rng.uniform(0.05, 0.08)
+        distance = np.linalg.norm(grid - centre[:, None, None, None], axis=0)
+        body = np.linalg.norm((grid - size / 2) / np.array([0.45, 0.4, 0.48])[:, None, None, None] / size, axis=0) < 1
+        label = np.zeros((size,) * 3, np.uint8)
+        label[distance < radius] = 1
+        label[distance < lesion] = 2
+        image = np.where(body, 40.0, -1000.0) + rng.normal(0, 15, label.shape)
+        image[label == 1], image[label == 2] = 100 + rng.normal(0, 15, (label == 1).sum()), 60
+        name = f"sphere_{index:03d}.nii.gz"
+        if index < cases:
+            nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), out / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(label, np.eye(4)), out / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), out / "imagesTs" / name)
+            test.append(f"./imagesTs/{name}")
+    (out / "dataset.json").write_text(json.dumps({
+        "name": "Spheres", "tensorImageSize": "3D", "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "organ", "2": "lesion"}, "numTraining": cases, "numTest": test_cases,
+        "training": training, "test": test}))
+    return out
+
+
 def synthetic_work(root: Path, size: int = 64, cases: int = 8) -> Path:
-    """A synthetic CT-like MSD task (``size`` voxels a side, 2 foreground classes) prepared with 2 folds."""
-    task = make_msd_task(root / "task", cases=cases, test_cases=2, classes=CLASSES - 1, size=size, seed=0)
+    """:func:`sphere_task` (``size`` voxels a side) prepared with 2 folds into ``root/work``."""
+    task = sphere_task(root / "task", cases=cases, size=size)
     with contextlib.redirect_stdout(sys.stderr):
         prepare(task, root / "work", folds=2, progress=False)
     return root / "work"

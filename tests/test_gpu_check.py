@@ -120,3 +120,49 @@ def test_markdown_report(gpu_check):
     assert "Test GPU (80.0 GiB), driver 999.1" in text
     assert "| grad_scaler_skip | passed: weights unchanged True, scale 65536 → 32768" in text
     assert "| torchrun_search | skipped: needs tensorboard |" in text and "**failed**: RuntimeError: x" in text
+
+
+#: modules a GPU machine with PyTorch and the pure-Python wheels may lack (None in sys.modules: not importable)
+ABSENT = ("matplotlib", "scipy", "SimpleITK", "tensorboard")
+WITHOUT_THEM = f"""
+import importlib.util, json, sys
+from pathlib import Path
+for name in {ABSENT!r}:
+    sys.modules[name] = None
+import torch
+torch.set_num_threads(1)
+spec = importlib.util.spec_from_file_location("gpu_check", {str(SCRIPT)!r})
+g = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(g)
+root, arch = Path(sys.argv[1]), sys.argv[2]
+cpu = torch.device("cpu")
+work = g.synthetic_work(root, size=24, cases=4)
+results = {{"loader": g.gpu_cache_loader(cpu, work, batches=1, batch_size=1, num_samples=1),
+            "bundle": g.bundle_train_infer(cpu, work, root / "check", arch=arch, channel_mul=0.25, iterations=1),
+            "torchrun": g.torchrun_search(cpu, work, root / "run")}}
+print(json.dumps({{"absent": [m for m in {ABSENT!r} if importlib.util.find_spec(m) is None], **results}}))
+"""
+
+
+@pytest.mark.slow
+def test_runs_without_matplotlib_scipy_simpleitk_tensorboard(tmp_path):
+    """Its own synthetic task (no scipy), export without arch.png (no matplotlib), bundle training and the torchrun
+    search skipped with their reason (no TensorBoard), inference of the untrained network."""
+    arch = tmp_path / "arch.json"
+    tiny_arch().save(arch)
+    done = subprocess.run([sys.executable, "-c", WITHOUT_THEM, str(tmp_path), str(arch)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.splitlines()[-1])
+    assert r["absent"] == list(ABSENT)
+    assert r["loader"]["loader"] == "ThreadDataLoader"
+    assert "needs tensorboard" in r["bundle"]["train_skipped"] and r["bundle"]["passed"], r["bundle"]
+    assert not (tmp_path / "check" / "bundle" / "docs" / "arch.png").exists()
+    assert "needs tensorboard" in r["torchrun"]["skipped"] and r["torchrun"]["backend"] == "gloo"
+
+
+def test_sphere_task_prepares(gpu_check, tmp_path):
+    work = gpu_check.synthetic_work(tmp_path, size=24, cases=4)
+    plan = json.loads((work / "plan.json").read_text())
+    assert plan["out_channels"] == 3 and plan["target_spacing"] == [1.0, 1.0, 1.0]
+    assert len(json.loads((work / "datalist.json").read_text())["training"]) == 4
