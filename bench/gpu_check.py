@@ -411,7 +411,7 @@ def torchrun_command(work: Path, out: Path, device: torch.device, iterations: in
 
 
 def torchrun_search(device: torch.device, work: Path, out: Path, iterations: int = 4,
-                    settings: tuple[str, ...] = (), timeout: float = 300) -> dict:
+                    settings: tuple[str, ...] = (), timeout: float = 240) -> dict:
     """A search of ``iterations`` iterations under ``torchrun`` with 1 process: the process group on NCCL (on a
     CPU: gloo, :func:`~dints3d.utils.runtime.process_group_backend`), every collective of the loop forced through
     it. Needs TensorBoard (the search logs to it)."""
@@ -607,24 +607,26 @@ CHECKS = ("search_step", "memory_model", "bf16_autocast", "grad_scaler_skip", "g
           "bundle_train_infer", "torchrun_search")
 
 
-def run_checks(device: torch.device, root: Path, only: tuple[str, ...] = CHECKS) -> dict:
-    """Every check in ``only`` with the GPU sizes; a check that raises is recorded with its error, the others run."""
-    work = synthetic_work(root)
-    calls: dict[str, Callable[[], dict]] = {
-        "search_step": lambda: search_step(device),
-        "memory_model": lambda: memory_model(device),
-        "bf16_autocast": lambda: bf16_autocast(device),
-        "grad_scaler_skip": lambda: grad_scaler_skip(device),
-        "gpu_cache_loader": lambda: gpu_cache_loader(device, work),
-        "bundle_train_infer": lambda: bundle_train_infer(device, work, root / "bundle"),
-        "torchrun_search": lambda: torchrun_search(device, work, root / "torchrun"),
+def run_checks(device: torch.device, root: Path, only: tuple[str, ...] = CHECKS, sizes: dict | None = None,
+               task_size: int = 64) -> dict:
+    """Every check in ``only`` on a :func:`synthetic_work` task in ``root``, with the GPU sizes (or the keyword
+    arguments ``sizes[check]``); a check that raises is recorded with its error and the others run."""
+    work, sizes = synthetic_work(root, size=task_size), sizes or {}
+    calls: dict[str, Callable[..., dict]] = {
+        "search_step": lambda **kw: search_step(device, **kw),
+        "memory_model": lambda **kw: memory_model(device, **kw),
+        "bf16_autocast": lambda **kw: bf16_autocast(device, **kw),
+        "grad_scaler_skip": lambda **kw: grad_scaler_skip(device, **kw),
+        "gpu_cache_loader": lambda **kw: gpu_cache_loader(device, work, **kw),
+        "bundle_train_infer": lambda **kw: bundle_train_infer(device, work, root / "bundle", **kw),
+        "torchrun_search": lambda **kw: torchrun_search(device, work, root / "torchrun", **kw),
     }
     results = {}
     for name in only:
         print(f"gpu_check: {name} …", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            results[name] = calls[name]()
+            results[name] = calls[name](**sizes.get(name, {}))
         except Exception as e:  # one failing path must not hide the others' figures
             traceback.print_exc(file=sys.stderr)
             results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -637,9 +639,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--torchrun-child"]:
         return torchrun_child(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", default="gpu_check.md", help="markdown table to write (default gpu_check.md)")
-    parser.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS), help="run these checks only")
+    parser = argparse.ArgumentParser(description="One check of every CUDA path on one GPU (docs/gpu.md): one JSON "
+                                     "line on stdout, markdown tables in --markdown; without CUDA, one line and exit 0.")
+    parser.add_argument("--markdown", default="gpu_check.md", help="markdown tables to write (default gpu_check.md)")
+    parser.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS), metavar="CHECK",
+                        help=f"run these checks only (of: {', '.join(CHECKS)})")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"bench": "gpu_check", "cuda": False, "torch": torch.__version__,

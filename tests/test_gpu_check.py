@@ -166,3 +166,19 @@ def test_sphere_task_prepares(gpu_check, tmp_path):
     plan = json.loads((work / "plan.json").read_text())
     assert plan["out_channels"] == 3 and plan["target_spacing"] == [1.0, 1.0, 1.0]
     assert len(json.loads((work / "datalist.json").read_text())["training"]) == 4
+
+
+def test_run_checks_records_results_and_errors_and_reports(gpu_check, tmp_path):
+    """The orchestration of main(): each check with its sizes, a failing one recorded without stopping the others,
+    then the markdown and the JSON line."""
+    sizes = {"grad_scaler_skip": {"side": 32, **TINY_SPACE},
+             "gpu_cache_loader": {"batches": 1, "batch_size": 1, "num_samples": 1},
+             "bf16_autocast": {"arch": "no-such-preset"}}
+    results = gpu_check.run_checks(CPU, tmp_path, ("grad_scaler_skip", "bf16_autocast", "gpu_cache_loader"), sizes,
+                                   task_size=24)
+    assert results["grad_scaler_skip"]["passed"] and results["gpu_cache_loader"]["batches"] == 1
+    assert "no-such-preset" in results["bf16_autocast"]["error"]
+    assert all(r["seconds"] >= 0 for r in results.values())
+    text = gpu_check.markdown(gpu_check.device_info(CPU), results, 1.0)
+    assert "| grad_scaler_skip | passed" in text and "| bf16_autocast | **failed**" in text
+    json.dumps(results)  # the JSON line holds them
