@@ -9,7 +9,12 @@ and never calls ``zero_grad`` in the weight step; the baseline does neither: bot
 the maths.)
 
 Ours = :class:`dints3d.search.loop.SearchRun`'s own ``weight_step`` and ``arch_step`` on a run built from a tiny
-synthetic task (the data pipeline is not used: both sides get the same tensors).
+synthetic task (the data pipeline is not used: both sides get the same tensors), or, without the run around them
+(no task, no TensorBoard: ``bench/gpu_check.py``), :class:`ArchitectStep`: the :class:`~dints3d.search.architect.
+Architect` those methods call.
+
+On CUDA both sides autocast in fp16 with a GradScaler (the reference script's ``torch.cuda.amp``, and dints3d's
+policy, :func:`dints3d.utils.runtime.amp_policy`); on the CPU in bf16 without one.
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import DiNTS, TopologySearch
 
+from dints3d.config import load_config
 from dints3d.cost.memory import proc_status_kib
+from dints3d.data.losses import dice_ce_loss
+from dints3d.search.architect import Architect
+from dints3d.spaces.factory import build_search_space
+from dints3d.utils.runtime import Runtime, amp_policy
 
 NUM_BLOCKS, NUM_DEPTHS, CHANNEL_MUL, CLASSES = 12, 4, 0.5, 3
 LR, ARCH_LR, RAM_COST_FACTOR = 0.025, 0.001, 0.8
@@ -38,15 +48,20 @@ LR, ARCH_LR, RAM_COST_FACTOR = 0.025, 0.001, 0.8
 class MonaiSearchStep:
     """One bilevel iteration the way the reference script drives MONAI's classes."""
 
-    def __init__(self, our_space, amp: bool, num_blocks: int = NUM_BLOCKS, num_depths: int = NUM_DEPTHS):
-        with contextlib.redirect_stdout(io.StringIO()):
+    def __init__(self, our_space, amp: bool, num_blocks: int = NUM_BLOCKS, num_depths: int = NUM_DEPTHS,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        with contextlib.redirect_stdout(io.StringIO()):  # MONAI keeps its own device for the tensors it makes
             self.space = TopologySearch(channel_mul=CHANNEL_MUL, num_blocks=num_blocks, num_depths=num_depths,
-                                        use_downsample=True)
+                                        use_downsample=True, device=str(self.device))
         self.model = DiNTS(dints_space=self.space, in_channels=1, num_classes=CLASSES, use_downsample=True)
         if our_space is not None:  # same initial weights as ours
             self.space.load_state_dict(our_space.topology_space.state_dict())
             self.model.load_state_dict(our_space.net.state_dict())
+        self.model.to(self.device)  # the space (α, β included) is a submodule of the model
         self.amp = amp
+        self.dtype, scaling = amp_policy(self.device.type, amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaling)
         self.loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, squared_pred=True,
                                   batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
         self.opt = torch.optim.SGD(self.model.weight_parameters(), lr=LR, momentum=0.9, weight_decay=4e-5)
@@ -54,7 +69,7 @@ class MonaiSearchStep:
         self.opt_c = torch.optim.Adam([self.space.log_alpha_c], lr=ARCH_LR, betas=(0.5, 0.999), weight_decay=0.0)
 
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
     def weight_step(self, image: torch.Tensor, label: torch.Tensor) -> float:
         for p in self.model.weight_parameters():
@@ -64,8 +79,9 @@ class MonaiSearchStep:
         self.opt.zero_grad()
         with self._autocast():
             loss = self.loss_fn(self.model(image), label)
-        loss.backward()
-        self.opt.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         return loss.item()
 
     def arch_step(self, image: torch.Tensor, label: torch.Tensor) -> float:
@@ -85,9 +101,10 @@ class MonaiSearchStep:
         with self._autocast():
             loss = self.loss_fn(self.model(image), label)
             loss = loss + (entropy_a + entropy_c) + ram_loss + 0.001 * topology
-        loss.backward()
-        self.opt_a.step()
-        self.opt_c.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt_a)
+        self.scaler.step(self.opt_c)
+        self.scaler.update()
         return loss.item()
 
     def step(self, batches) -> float:
@@ -107,6 +124,26 @@ class OurSearchStep:
         self.run.weight_step(image, label, LR)
         terms = self.run.arch_step(a_image, a_label, 1.0)
         return float(terms["arch_seg"])  # one host sync per iteration, like the baseline's loss.item()
+
+
+class ArchitectStep:
+    """Our two steps without a :class:`SearchRun` around them: the DiNTS supernet of :func:`search_overrides` on
+    ``device`` and dints3d's :class:`Architect` (what ``SearchRun.weight_step`` / ``arch_step`` call), DiceCE, the
+    regularizer ramp at 1. Needs no task folder and no TensorBoard."""
+
+    def __init__(self, device: str | torch.device, amp: bool, checkpoint_cells: bool = False, fraction: float = 1.0,
+                 num_blocks: int = NUM_BLOCKS, num_depths: int = NUM_DEPTHS, routing: bool = True):
+        overrides = search_overrides(32, amp, checkpoint_cells, fraction, num_blocks, routing, num_depths)
+        cfg = load_config(None, [o for o in overrides if not o.startswith("device=")])
+        runtime = Runtime(device=torch.device(device))
+        self.space = build_search_space(cfg, 1, CLASSES).to(runtime.device)
+        self.architect = Architect(self.space, dice_ce_loss(), cfg.search, runtime)
+
+    def step(self, batches) -> float:
+        (image, label), (a_image, a_label) = batches
+        self.architect.weight_step(image, label, LR)
+        terms = self.architect.arch_step(a_image, a_label, 1.0)
+        return float(terms["arch_seg"]) if terms is not None else float("nan")
 
 
 def search_overrides(side: int, amp: bool, checkpoint_cells: bool = False, fraction: float = 1.0,
@@ -144,11 +181,12 @@ def our_search_run(side: int, amp: bool, checkpoint_cells: bool = False, fractio
             run.close()
 
 
-def make_batches(side: int, seed: int):
-    """Two (image, label) pairs (weights half, architecture half), ``1×1×side³`` and ``1×1×side³`` in 0..2."""
+def make_batches(side: int, seed: int, device: str | torch.device = "cpu"):
+    """Two (image, label) pairs (weights half, architecture half), ``1×1×side³`` and ``1×1×side³`` in 0..2, on
+    ``device`` (drawn on the CPU, so the values do not depend on it)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(1, 1, side, side, side, generator=g),
-             torch.randint(0, CLASSES, (1, 1, side, side, side), generator=g)) for _ in range(2)]
+    return [(torch.randn(1, 1, side, side, side, generator=g).to(device),
+             torch.randint(0, CLASSES, (1, 1, side, side, side), generator=g).to(device)) for _ in range(2)]
 
 
 def measure_step_peak(step, batches, warm_batches) -> dict:

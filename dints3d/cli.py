@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "Dice, HD95, NSD of masks vs labels; --format cityscapes: mean IoU (official)"),
     "import-arch": ("dints3d.spaces.dints.arch_import", "convert a torch-pickled DiNTS arch file to arch.json"),
     "describe": ("dints3d.cost.describe", "parameters, multiply-adds and memory of an architecture or preset"),
+    "fit": ("dints3d.cost.fit_command",
+            "the settings that fit a GPU of a given size (search and retraining), written as config overlays"),
     "select": ("dints3d.bundle.select", "choose the model or ensemble to ship from cross-validated bundles"),
     "run": ("dints3d.pipeline", "the whole pipeline: prepare → search → baselines → cross-validation → select → predict"),
     "demo": ("dints3d.demo", "`dints3d run` on a small synthetic task, on CPU, in a few minutes"),

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -290,14 +290,18 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
-def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] = frozenset()) -> Config:
-    """Semantic checks that types alone cannot express. Errors name ``--set`` for keys in ``overridden``, else
-    ``source`` (the config file)."""
+def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] = frozenset(),
+             origins: Mapping[str, str] | None = None) -> Config:
+    """Semantic checks that types alone cannot express. Errors name ``--set`` for keys in ``overridden``, else the
+    file ``origins`` gives for the key (an overlay: ``{"data.patch_size": "fit/search.yaml"}``), else ``source``
+    (the config file)."""
     d, s, data = cfg.dints, cfg.search, cfg.data
+    origins = origins or {}
 
     def check(ok: bool, key: str, problem: str) -> None:
         if not ok:
-            where = "--set" if key in overridden or key.split(".")[0] in overridden else source
+            top = key.split(".")[0]
+            where = "--set" if key in overridden or top in overridden else origins.get(key, origins.get(top, source))
             raise DintsError(where, f"'{key}' {problem}")
 
     check(cfg.space in SPACES, "space", f"must be one of {', '.join(SPACES)}, got '{cfg.space}'"
@@ -354,8 +358,18 @@ def validate(cfg: Config, source: str | None = None, overridden: frozenset[str] 
     return cfg
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults) and apply ``key=value`` overrides, in order."""
+def _leaf_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the values in a nested mapping (``{"data": {"batch_size": 2}}`` → ``["data.batch_size"]``)."""
+    if not isinstance(data, dict):
+        return [prefix[:-1]] if prefix else []
+    return [key for name, value in data.items() for key in _leaf_keys(value, f"{prefix}{name}.")]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                overlays: list[str | os.PathLike] | tuple[str | os.PathLike, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults), merge the ``overlays`` (YAML files in the config's format holding some
+    keys only, e.g. what ``dints3d fit`` chose), in order, then apply ``key=value`` overrides, in order. Errors name
+    the file (or ``--set``) a wrong value came from."""
     cfg = Config()
     source = None
     if path is not None:
@@ -364,12 +378,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if data is None:
             data = {}
         cfg = _merge(cfg, data, "", source)
+    origins: dict[str, str] = {}
+    for overlay in overlays:
+        data = read_yaml(overlay)
+        data = {} if data is None else data
+        cfg = _merge(cfg, data, "", os.fspath(overlay))
+        origins.update(dict.fromkeys(_leaf_keys(data), os.fspath(overlay)))
     overridden = set()
     for text in overrides:
         keys, value = parse_override(text)
         cfg = _merge(cfg, _nest(keys, value), "", "--set")
         overridden.add(".".join(keys))
-    return validate(cfg, source or "--set", frozenset(overridden))
+    return validate(cfg, source or "--set", frozenset(overridden), origins)
 
 
 def config_to_dict(cfg: Config) -> dict:

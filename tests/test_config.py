@@ -83,3 +83,25 @@ def test_bundle_set_values_read_scientific_notation_as_numbers():
     assert parse_set("num_iterations=10")[2] == 10
     assert parse_set("dataset_dir=/data/Task09")[2] == "/data/Task09"
     assert parse_set("x=[1, 2")[2] == "[1, 2"  # not YAML: stays text
+
+
+def test_overlays_apply_after_the_config_and_before_set(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("data:\n  patch_size: [64, 64, 64]\n  batch_size: 3\nsearch:\n  checkpoint_cells: true\n")
+    second.write_text("# a comment\ndata:\n  batch_size: 2\n")
+    cfg = load_config(config_path("demo"), ["data.batch_size=4"], [first])
+    assert cfg.data.patch_size == [64, 64, 64] and cfg.data.batch_size == 4 and cfg.search.checkpoint_cells
+    cfg = load_config(config_path("demo"), [], [first, second])
+    assert cfg.data.batch_size == 2 and cfg.dints.num_blocks == 4  # the rest is the config's
+    assert load_config(None, [], [second]).data.batch_size == 2
+
+
+@pytest.mark.parametrize("text, message", [("data:\n  batch_sise: 2\n", "did you mean 'data.batch_size'?"),
+                                           ("data:\n  batch_size: 0\n", "'data.batch_size' must be ≥ 1"),
+                                           ("search:\n  checkpoint_fraction: 2\n", "must be in [0, 1]")])
+def test_a_bad_overlay_is_named(tmp_path, text, message):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(text)
+    with pytest.raises(DintsError) as e:
+        load_config(config_path("demo"), [], [overlay])
+    assert message in e.value.line() and e.value.where == str(overlay)

@@ -238,13 +238,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="bundle folder to create")
     parser.add_argument("--config", default="dints_search",
                         help="config whose train: and data: sections set the training (default: dints_search)")
+    parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="FILE",
+                        help="YAML holding some config keys (e.g. fit-24gb/search.yaml written by `dints3d fit`), "
+                             "merged after --config and before --set (repeatable, applied in order)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. train.iterations=2000 or data.patch_size=[64,64,64]")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(config_path(args.config), args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides, args.overlays)
     out = export_bundle(args.arch, args.work, args.out, cfg, force=args.force)
     meta = read_json(out / "configs" / "metadata.json")
     image = meta["network_data_format"]["inputs"]["image"]

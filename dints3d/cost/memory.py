@@ -37,6 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.checkpoint import checkpoint
 
 from dints3d.data.losses import DeepSupervised, dice_ce_loss
 from dints3d.spaces.base import Architecture
@@ -149,6 +150,46 @@ class _SavedTensors:
         return sum(max((n for ref, n in refs if ref() is not None), default=0) for refs in self.by_key.values())
 
 
+class _CheckpointRecorder:
+    """Stands in for ``torch.utils.checkpoint.checkpoint`` in a module with a ``checkpoint_fn`` attribute (the DiNTS
+    supernet's cells under ``checkpoint_cells``) and records what the saved-tensor hooks cannot see there.
+
+    Inside a non-reentrant checkpoint, PyTorch's own hooks take over from :class:`_SavedTensors`: the region saves
+    nothing, but it keeps its tensor inputs alive for the recompute (counted here with the saved tensors, once per
+    storage), and backward recomputes the region, holding what it saves until its gradient is done (the largest such
+    region is added to the transient term). Each region runs once more, outside the checkpoint, to count that."""
+
+    def __init__(self, saved: _SavedTensors):
+        self.saved = saved
+        self.largest_recompute = 0
+
+    def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        for t in args:
+            if isinstance(t, torch.Tensor):
+                self.saved.pack(t)
+        inner = _SavedTensors(exclude=self.saved.exclude)
+        with torch.autograd.graph.saved_tensors_hooks(inner.pack, lambda t: t):
+            out = fn(*args)
+            self.largest_recompute = max(self.largest_recompute, inner.live_bytes())
+        del out
+        return checkpoint(fn, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _recording_checkpoints(model: nn.Module, saved: _SavedTensors) -> Iterator[_CheckpointRecorder]:
+    """Swap a :class:`_CheckpointRecorder` into every ``checkpoint_fn`` of ``model``'s modules while active."""
+    recorder = _CheckpointRecorder(saved)
+    owners = [m for m in model.modules() if callable(getattr(m, "checkpoint_fn", None))]
+    originals = [m.checkpoint_fn for m in owners]
+    for m in owners:
+        m.checkpoint_fn = recorder
+    try:
+        yield recorder
+    finally:
+        for m, fn in zip(owners, originals):
+            m.checkpoint_fn = fn
+
+
 def _meta_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Meta stand-ins for ``model``'s parameters and buffers (same shapes, dtypes, ``requires_grad``)."""
     params = {n: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
@@ -180,11 +221,12 @@ def step_activation_memory(model: nn.Module, input_shape: Sequence[int], batch: 
     routed = any(isinstance(m, OneDnnConv3d) for m in model.modules())
     scratch = _OpScratch(count_im2col=device == "cpu", routed=routed)
     autocast = _AutocastOnMeta(torch.bfloat16, device) if amp else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), scratch, torch.enable_grad(), autocast:
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), scratch, torch.enable_grad(), autocast, \
+            _recording_checkpoints(model, saved) as checkpoints:
         loss = training_loss()(torch.func.functional_call(model, stand_ins, (x,)), y)
         activations = saved.live_bytes()  # while ``loss`` keeps the graph alive
     del loss
-    transient = TRANSIENT_FACTOR * scratch.largest_output + scratch.largest_im2col
+    transient = TRANSIENT_FACTOR * scratch.largest_output + scratch.largest_im2col + checkpoints.largest_recompute
     return {"activations": int(activations), "transient": int(transient)}
 
 
@@ -256,9 +298,8 @@ def meta_network(arch: Architecture, in_channels: int, out_channels: int, **buil
 
 
 def meta_search_space(in_channels: int, num_classes: int, **space_hparams: Any) -> DintsSearchSpace:
-    """A :class:`DintsSearchSpace` (supernet) with meta parameters."""
-    if space_hparams.get("checkpoint_cells"):
-        raise ValueError("the memory model does not model checkpoint_cells=True")
+    """A :class:`DintsSearchSpace` (supernet) with meta parameters (``checkpoint_cells`` / ``checkpoint_fraction``
+    included: the memory model counts checkpointed cells by :class:`_CheckpointRecorder`)."""
     with parameters_on_meta():
         return DintsSearchSpace(in_channels, num_classes, **space_hparams)
 

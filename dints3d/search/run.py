@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config path or packaged name (dints_search, demo); default: dints_search")
     parser.add_argument("--work", required=True, help="folder written by `dints3d prepare`")
     parser.add_argument("--out", required=True, help="run folder: arch.json, arch.png, checkpoints/, tensorboard/")
+    parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="FILE",
+                        help="YAML holding some config keys (e.g. fit-24gb/search.yaml written by `dints3d fit`), "
+                             "merged after --config and before --set (repeatable, applied in order)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set search.iterations=2000 (repeatable)")
     parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
@@ -36,7 +39,7 @@ def wants_resume(mode: str | None, out: str | Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(config_path(args.config), args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides, args.overlays)
     runtime = init_runtime(cfg.device)
     search = SearchRun(cfg, args.work, args.out, runtime, resume=wants_resume(args.resume, args.out))
     try:

@@ -76,7 +76,8 @@ class Architecture(abc.ABC):
         return write_json(path, self.to_dict())
 
     def figure(self, title: str | None = None):
-        """A matplotlib figure of the architecture (``arch.png``), or None if the space draws none."""
+        """A matplotlib figure of the architecture (``arch.png``), or None if the space draws none (or matplotlib is
+        not installed)."""
         return None
 
 

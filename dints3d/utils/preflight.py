@@ -41,6 +41,21 @@ def estimate_cache_bytes(plan: Mapping, num_cases: int) -> int:
     return int(num_cases * voxels * (4 * int(plan["in_channels"]) + 1) * 1.2)  # 20% for shape spread and metadata
 
 
+def total_memory() -> int | None:
+    """Bytes of RAM this machine has (``MemTotal`` of ``/proc/meminfo``), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def check_free_disk(folder: str | os.PathLike, needed: int, purpose: str = "the cache",
                     advice: str = "free space, choose another data.cache_dir, or set data.cache_dir: null") -> None:
     """Refuse to start when ``folder``'s file system has less than ``needed`` bytes free for ``purpose``."""

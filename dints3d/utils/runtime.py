@@ -128,6 +128,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The torch.distributed backend for processes on ``device``: NCCL on GPUs, gloo on CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_runtime(device_name: str = "auto") -> Runtime:
     """Join the process group when launched by ``torchrun`` (NCCL on GPU, gloo on CPU), else a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -137,7 +142,7 @@ def init_runtime(device_name: str = "auto") -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=process_group_backend(device))
     return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
 
 

@@ -7,11 +7,14 @@ import weakref
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint
+from torch import nn
 
 from dints3d.cost.memory import (
     dice_ce_loss,
     measure_training_memory,
     meta_network,
+    meta_search_space,
     parameters_on_meta,
     predict_search_step_memory,
     predict_training_memory,
@@ -135,8 +138,48 @@ def test_search_step_memory():
     assert large["peak"] > small["peak"] and large["activations"] > small["activations"]
     amp = predict_search_step_memory(hp, (1, 32, 32, 32), amp=True, num_classes=3)
     assert amp["activations"] < large["activations"]
-    with pytest.raises(ValueError, match="checkpoint_cells"):
-        predict_search_step_memory({**hp, "checkpoint_cells": True}, (1, 16, 16, 16))
+
+
+def test_search_step_memory_with_checkpointed_cells():
+    """Checkpointing the first half of the blocks, then all of them, saves activations; the recomputed cell adds
+    to the transient term; the supernet's own checkpoint function is back afterwards."""
+    hp = dict(num_blocks=4, num_depths=3, channel_mul=MUL)
+    plain, half, every = (predict_search_step_memory({**hp, **extra}, (1, 32, 32, 32), amp=True, num_classes=3)
+                          for extra in ({}, {"checkpoint_cells": True, "checkpoint_fraction": 0.5},
+                                        {"checkpoint_cells": True}))
+    assert plain["activations"] > half["activations"] > every["activations"] > 0
+    assert plain["peak"] > half["peak"] > every["peak"]
+    assert every["transient"] > plain["transient"]
+    space = meta_search_space(1, 3, **hp, checkpoint_cells=True)
+    step_activation_memory(space, (1, 16, 16, 16), batch=1, amp=False)
+    assert space.topology_space.checkpoint_fn is torch.utils.checkpoint.checkpoint
+
+
+class _Checkpointed(nn.Module):
+    """conv → [relu → conv], the bracket checkpointed through a ``checkpoint_fn`` attribute (as the supernet's)."""
+
+    def __init__(self, checkpointed: bool):
+        super().__init__()
+        self.a, self.b = nn.Conv3d(1, 4, 3, padding=1), nn.Conv3d(4, 3, 3, padding=1)
+        self.checkpointed = checkpointed
+        self.checkpoint_fn = torch.utils.checkpoint.checkpoint
+
+    def tail(self, h):
+        return self.b(torch.relu(h))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.checkpoint_fn(self.tail, h, use_reentrant=False) if self.checkpointed else self.tail(h)
+
+
+def test_checkpointed_region_keeps_its_input_and_recomputes_what_it_saves():
+    """Inside the bracket only relu(h) is saved (by relu and by conv b, one storage); checkpointed, the bracket
+    keeps h instead (same size) and recomputes relu(h) in backward: activations equal, transient + relu(h)."""
+    plain, checkpointed = (step_activation_memory(_Checkpointed(c), (1, 8, 8, 8), batch=2, amp=False)
+                           for c in (False, True))
+    relu_bytes = 2 * 4 * 8**3 * 4
+    assert checkpointed["activations"] == plain["activations"]
+    assert checkpointed["transient"] - plain["transient"] == relu_bytes
 
 
 @pytest.mark.slow

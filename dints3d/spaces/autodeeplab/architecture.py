@@ -13,6 +13,7 @@ from dints3d.spaces.autodeeplab.network import AutoDeepLabNet
 from dints3d.spaces.autodeeplab.operations import CELL_OPERATIONS
 from dints3d.spaces.base import ARCH_FORMAT_VERSION, Architecture
 from dints3d.utils.errors import DintsError
+from dints3d.utils.figures import matplotlib_available
 
 
 @dataclass
@@ -132,7 +133,7 @@ class AutoDeepLabArchitecture(Architecture):
                 raise DintsError(source, f"cell[{k}]: unknown operation {op!r} (one of {', '.join(CELL_OPERATIONS)})")
 
     def figure(self, title: str | None = None):
-        return autodeeplab_figure(self, title)
+        return autodeeplab_figure(self, title) if matplotlib_available() else None
 
     def build(self, in_channels: int, out_channels: int, channel_mul: float = 1.0,
               filter_multiplier: int | None = None, **kwargs: Any) -> nn.Module:

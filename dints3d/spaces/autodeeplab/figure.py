@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
+from typing import TYPE_CHECKING
 
 from dints3d.spaces.autodeeplab.operations import CELL_OPERATIONS
 from dints3d.utils.figures import new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OP_COLORS = dict(zip(CELL_OPERATIONS, ["#1f77b4", "#17becf", "#d62728", "#ff7f0e", "#2ca02c", "#8c564b", "#7f7f7f"]))
 
@@ -55,6 +57,8 @@ def _cell_dag(ax, arch) -> None:
     ax.set_ylim(-0.5, 1.5)
     ax.axis("off")
     used = [op for op in CELL_OPERATIONS if any(op == o for _, o in arch.cell)]
+    from matplotlib.lines import Line2D  # optional at run time: figures only (utils/figures.py)
+
     handles = [Line2D([0], [0], color=OP_COLORS[op], lw=2, label=op) for op in used]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(len(used), 4),
               frameon=False, fontsize=7)

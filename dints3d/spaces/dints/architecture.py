@@ -22,6 +22,7 @@ from dints3d.spaces.dints.figure import dints_figure
 from dints3d.spaces.dints.operations import operation_names
 from dints3d.spaces.dints.topology import DintsTopology, patch_divisor
 from dints3d.utils.errors import DintsError
+from dints3d.utils.figures import matplotlib_available
 
 
 @contextlib.contextmanager
@@ -181,7 +182,7 @@ class DintsArchitecture(Architecture):
                 "operations": {name: int((self.arch_code_c[active] == i).sum()) for i, name in enumerate(names)}}
 
     def figure(self, title: str | None = None):
-        return dints_figure(self, title)
+        return dints_figure(self, title) if matplotlib_available() else None
 
     def bundle_network(self, arch_ref: str = "@arch") -> dict[str, Any]:
         """MONAI's ``TopologyInstance`` + ``DiNTS`` from the bundle's ``models/arch.json`` (``arch_ref``)."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
+from typing import TYPE_CHECKING
 
 from dints3d.spaces.dints.operations import operation_names
 from dints3d.spaces.dints.topology import DintsTopology
 from dints3d.utils.figures import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OP_COLORS = ["#9e9e9e", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e"]
 
@@ -43,6 +44,8 @@ def dints_figure(arch, title: str | None = None) -> Figure:
     ax.set_ylabel("resolution")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    from matplotlib.lines import Line2D  # optional at run time: figures only (utils/figures.py)
+
     handles = [Line2D([0], [0], color=OP_COLORS[i % len(OP_COLORS)], lw=2, label=name) for i, name in enumerate(ops)]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(len(ops), 5), frameon=False,
               fontsize=8)

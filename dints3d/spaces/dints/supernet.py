@@ -40,6 +40,8 @@ class _SupernetTopology(TopologySearch):
             super().__init__(*args, **kwargs)
         self.checkpoint_cells = checkpoint_cells
         self.checkpoint_fraction = checkpoint_fraction
+        #: what runs a checkpointed cell (``torch.utils.checkpoint.checkpoint``); the memory model swaps in a recorder
+        self.checkpoint_fn = checkpoint
         # The search space keeps every path; a flat list avoids string keys and the arch_code_a read per block.
         self._cells = [[self.cell_tree[str((b, p))] for p in range(len(self.arch_code2out))] for b in range(self.num_blocks)]
 
@@ -61,7 +63,7 @@ class _SupernetTopology(TopologySearch):
             for p, cell in enumerate(cells):
                 i, o = self.arch_code2in[p], self.arch_code2out[p]
                 if checkpointing:
-                    y = checkpoint(cell_forward, cell, inputs[i], None, scales[b, p], use_reentrant=False)
+                    y = self.checkpoint_fn(cell_forward, cell, inputs[i], None, scales[b, p], use_reentrant=False)
                 else:
                     y = cell_forward(cell, inputs[i], relus[i], scales[b, p])
                 outputs[o] = y if outputs[o] is None else accumulate(outputs[o], y)

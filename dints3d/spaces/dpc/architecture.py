@@ -14,6 +14,7 @@ from dints3d.spaces.dpc.figure import dpc_figure
 from dints3d.spaces.dpc.genotype import BACKBONE, Branch, branch_to_dict, parse_branch
 from dints3d.spaces.dpc.network import DpcHead, DpcNetwork
 from dints3d.utils.errors import DintsError
+from dints3d.utils.figures import matplotlib_available
 
 
 @dataclass
@@ -131,4 +132,4 @@ class DpcArchitecture(Architecture):
         return DpcNetwork(features, self.build_head(channels, out_channels), self.spatial_dims)
 
     def figure(self, title: str | None = None):
-        return dpc_figure(self, title)
+        return dpc_figure(self, title) if matplotlib_available() else None

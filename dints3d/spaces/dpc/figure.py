@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from dints3d.spaces.dpc.genotype import BACKBONE
 from dints3d.utils.figures import new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def dpc_figure(arch, title: str | None = None) -> Figure:
