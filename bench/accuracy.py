@@ -31,7 +31,12 @@ from pathlib import Path
 
 import torch
 
-from dints3d.bundle.crossval import fold_dir, predict_out_of_fold, score_predictions, train_folds
+from dints3d.bundle.crossval import (
+    fold_dir,
+    predict_out_of_fold,
+    score_predictions,
+    train_folds,
+)
 from dints3d.bundle.export import export_bundle
 from dints3d.config import config_path, load_config
 from dints3d.cost.sizing import channel_mul_for_memory, peak_bytes

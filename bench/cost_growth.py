@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_common import OurSearchStep, make_batches, measure_step_peak, our_search_run, run_in_fresh_process  # noqa: E402
+from search_common import (  # noqa: E402
+    OurSearchStep,
+    make_batches,
+    measure_step_peak,
+    our_search_run,
+    run_in_fresh_process,
+)
 
 
 def child(spec: dict) -> dict:

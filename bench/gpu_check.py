@@ -54,7 +54,14 @@ import torch.distributed as dist
 from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_common import CHANNEL_MUL, CLASSES, LR, ArchitectStep, MonaiSearchStep, make_batches  # noqa: E402
+from search_common import (  # noqa: E402
+    CHANNEL_MUL,
+    CLASSES,
+    LR,
+    ArchitectStep,
+    MonaiSearchStep,
+    make_batches,
+)
 
 import dints3d  # noqa: E402
 import dints3d.search.run  # noqa: E402

@@ -15,7 +15,11 @@ import json
 
 import numpy as np
 
-from dints3d.cost.memory import measure_training_memory, meta_network, predict_training_memory
+from dints3d.cost.memory import (
+    measure_training_memory,
+    meta_network,
+    predict_training_memory,
+)
 from dints3d.spaces.dints.architecture import random_dints_architecture
 
 NUM_BLOCKS, NUM_DEPTHS, CHANNEL_MUL, CLASSES = 4, 3, 0.25, 3

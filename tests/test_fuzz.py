@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 
 from dints3d.config import load_config
 from dints3d.data.dataset import load_plan
-from dints3d.data.fingerprint import PLAN_FIELDS, check_overrides, check_overrides_for_task, make_plan
+from dints3d.data.fingerprint import (
+    PLAN_FIELDS,
+    check_overrides,
+    check_overrides_for_task,
+    make_plan,
+)
 from dints3d.data.msd import read_task
 from dints3d.data.prepare import summary
 from dints3d.spaces.dints.supernet import DintsSearchSpace

@@ -39,7 +39,13 @@ from dints3d.bundle.input_checks import NIFTI
 from dints3d.bundle.runner import bundle_folder, config_file
 from dints3d.bundle.train import train, train_settings
 from dints3d.data.datalist import read_datalist
-from dints3d.evaluation.metrics import METRICS, case_name, csv_text, score_cases, summarize
+from dints3d.evaluation.metrics import (
+    METRICS,
+    case_name,
+    csv_text,
+    score_cases,
+    summarize,
+)
 from dints3d.evaluation.postprocess import choose_largest_component
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError

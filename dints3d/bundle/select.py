@@ -32,7 +32,11 @@ from dints3d.bundle.crossval import CV_DIR, case_labels, held_folds, work_dir
 from dints3d.bundle.ensemble import Member, write_ensemble
 from dints3d.bundle.template import check_target
 from dints3d.evaluation.metrics import read_label_map
-from dints3d.evaluation.postprocess import choose_largest_component, dice, largest_component
+from dints3d.evaluation.postprocess import (
+    choose_largest_component,
+    dice,
+    largest_component,
+)
 from dints3d.spaces.baselines.networks import BASELINES
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError

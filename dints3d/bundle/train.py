@@ -31,7 +31,11 @@ from dints3d.data.patch import check_patch_sides
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json
-from dints3d.utils.preflight import check_free_disk, check_writable, estimate_cache_bytes
+from dints3d.utils.preflight import (
+    check_free_disk,
+    check_writable,
+    estimate_cache_bytes,
+)
 
 #: ``dints3d train --device`` choices
 TRAIN_DEVICES = ("auto", "cpu", "cuda")

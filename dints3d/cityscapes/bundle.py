@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import dints3d
-from dints3d.bundle.template import arch_source_name, bullets, parameter_count, template_dir, versions, write_bundle
+from dints3d.bundle.template import (
+    arch_source_name,
+    bullets,
+    parameter_count,
+    template_dir,
+    versions,
+    write_bundle,
+)
 from dints3d.config import Config, config_to_dict
 from dints3d.data.patch import resolve_patch
 from dints3d.spaces.base import Architecture

@@ -30,7 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dints3d.cityscapes.folder import INSTANCE_SUFFIX, LABEL_SUFFIX, core_name, read_label_ids
+from dints3d.cityscapes.folder import (
+    INSTANCE_SUFFIX,
+    LABEL_SUFFIX,
+    core_name,
+    read_label_ids,
+)
 from dints3d.cityscapes.labels import NUM_CLASSES, class_names, to_train_ids
 from dints3d.evaluation.confusion import confusion_matrix, iou_per_class, mean_iou
 from dints3d.utils.errors import DintsError

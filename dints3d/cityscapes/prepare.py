@@ -16,10 +16,26 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dints3d.cityscapes.folder import SPLITS, Sample, check_image, read_folder, read_label_ids
-from dints3d.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES, class_names, to_train_ids
+from dints3d.cityscapes.folder import (
+    SPLITS,
+    Sample,
+    check_image,
+    read_folder,
+    read_label_ids,
+)
+from dints3d.cityscapes.labels import (
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    class_names,
+    to_train_ids,
+)
 from dints3d.data.datalist import DATALIST_FILE, split_halves
-from dints3d.data.fingerprint import FINGERPRINT_FILE, PLAN_FILE, check_overrides, check_patch
+from dints3d.data.fingerprint import (
+    FINGERPRINT_FILE,
+    PLAN_FILE,
+    check_overrides,
+    check_patch,
+)
 from dints3d.data.prepare import write_outputs
 from dints3d.utils.errors import DintsError
 

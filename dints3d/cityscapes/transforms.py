@@ -34,7 +34,12 @@ from monai.transforms import (
 )
 
 from dints3d.cityscapes.folder import core_name
-from dints3d.cityscapes.labels import IGNORE_INDEX, known_label_ids, label_id_table, train_id_table
+from dints3d.cityscapes.labels import (
+    IGNORE_INDEX,
+    known_label_ids,
+    label_id_table,
+    train_id_table,
+)
 from dints3d.utils.io import write_atomic
 
 #: DeepLab's random scale range for training

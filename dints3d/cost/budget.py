@@ -14,7 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from dints3d.cost.memory import predict_training_memory
-from dints3d.spaces.dints.architecture import DintsArchitecture, random_dints_architecture
+from dints3d.spaces.dints.architecture import (
+    DintsArchitecture,
+    random_dints_architecture,
+)
 from dints3d.utils.errors import DintsError
 
 GB = 1024**3

@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from dints3d.config import Config
-from dints3d.cost.memory import meta_network, predict_search_step_memory, predict_training_memory
+from dints3d.cost.memory import (
+    meta_network,
+    predict_search_step_memory,
+    predict_training_memory,
+)
 from dints3d.data.patch import Divisor, per_axis
 from dints3d.spaces.dints.topology import patch_divisor
 from dints3d.spaces.factory import load_architecture

@@ -42,7 +42,11 @@ from torch.utils.checkpoint import checkpoint
 from dints3d.data.losses import DeepSupervised, dice_ce_loss
 from dints3d.spaces.base import Architecture
 from dints3d.spaces.dints.architecture import DintsArchitecture
-from dints3d.spaces.dints.cpu_conv import OneDnnConv3d, routes_to_onednn, uses_slow_conv3d
+from dints3d.spaces.dints.cpu_conv import (
+    OneDnnConv3d,
+    routes_to_onednn,
+    uses_slow_conv3d,
+)
 from dints3d.spaces.dints.supernet import DintsSearchSpace
 from dints3d.spaces.dints.topology import patch_divisor
 

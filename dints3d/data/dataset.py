@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
+from monai.data import (
+    CacheDataset,
+    DataLoader,
+    Dataset,
+    PersistentDataset,
+    ThreadDataLoader,
+)
 
 from dints3d.data.datalist import read_datalist
 from dints3d.data.fingerprint import read_plan

@@ -15,7 +15,11 @@ from dints3d.data.fingerprint import PLAN_FIELDS, apply_overrides, check_overrid
 from dints3d.data.formats import TaskFormat
 from dints3d.data.losses import dice_ce_loss
 from dints3d.data.prepare import msd_summary, prepare_msd
-from dints3d.data.transforms import msd_inference_transforms, msd_train_transforms, msd_validation_transforms
+from dints3d.data.transforms import (
+    msd_inference_transforms,
+    msd_train_transforms,
+    msd_validation_transforms,
+)
 
 
 class MsdFormat(TaskFormat):

@@ -23,7 +23,14 @@ import torch
 from tqdm import tqdm
 
 from dints3d import __version__
-from dints3d.random_search.trials import TrialRow, append_row, ranked, read_rows, top_k_table, trials_figure
+from dints3d.random_search.trials import (
+    TrialRow,
+    append_row,
+    ranked,
+    read_rows,
+    top_k_table,
+    trials_figure,
+)
 from dints3d.spaces.base import Architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.figures import save_figure

@@ -21,7 +21,12 @@ from dints3d.data.dataset import load_plan
 from dints3d.data.patch import resolve_patch
 from dints3d.random_search.engine import RandomSearch, budget_from_config, load_state
 from dints3d.random_search.proxy import cached_features
-from dints3d.random_search.samplers import AutoDeepLabSampler, DintsSampler, DpcSampler, MemoryLimit
+from dints3d.random_search.samplers import (
+    AutoDeepLabSampler,
+    DintsSampler,
+    DpcSampler,
+    MemoryLimit,
+)
 from dints3d.random_search.train import HeadEvaluator, NetworkEvaluator, Schedule
 from dints3d.spaces.dints.topology import patch_divisor
 from dints3d.spaces.dpc.backbones import backbone_features, backbone_patch_divisor

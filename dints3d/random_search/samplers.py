@@ -14,11 +14,21 @@ import numpy as np
 
 from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
 from dints3d.spaces.autodeeplab.operations import CELL_OPERATIONS
-from dints3d.spaces.dints.architecture import DintsArchitecture, random_dints_architecture
+from dints3d.spaces.dints.architecture import (
+    DintsArchitecture,
+    random_dints_architecture,
+)
 from dints3d.spaces.dints.operations import operation_names
 from dints3d.spaces.dints.topology import DintsTopology
 from dints3d.spaces.dpc.architecture import DpcArchitecture
-from dints3d.spaces.dpc.genotype import BACKBONE, CONV_1X1, OP_KINDS, Branch, DpcCatalog, DpcOp
+from dints3d.spaces.dpc.genotype import (
+    BACKBONE,
+    CONV_1X1,
+    OP_KINDS,
+    Branch,
+    DpcCatalog,
+    DpcOp,
+)
 from dints3d.spaces.factory import architecture_from_dict
 from dints3d.utils.errors import DintsError
 

@@ -29,7 +29,12 @@ from dints3d.data.stream import PatchStream, stream_loader
 from dints3d.data.transforms import train_transforms, validation_transforms
 from dints3d.evaluation.validation import validate_scores, validation_metric
 from dints3d.search.architect import Architect
-from dints3d.search.resume import LoopState, check_resumable_config, loop_state, restore_rng
+from dints3d.search.resume import (
+    LoopState,
+    check_resumable_config,
+    loop_state,
+    restore_rng,
+)
 from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
 from dints3d.spaces.factory import build_search_space
 from dints3d.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint

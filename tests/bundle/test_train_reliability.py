@@ -18,7 +18,12 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from dints3d.bundle import runner
-from dints3d.bundle.handlers import NonFiniteGuard, OutOfMemoryReport, ResumeFromNewest, newest_readable_checkpoint
+from dints3d.bundle.handlers import (
+    NonFiniteGuard,
+    OutOfMemoryReport,
+    ResumeFromNewest,
+    newest_readable_checkpoint,
+)
 from dints3d.bundle.runner import override_args
 from dints3d.bundle.train import train
 from dints3d.cli import main

@@ -11,7 +11,12 @@ from cityscapesscripts.helpers.labels import labels as cs_labels
 from PIL import Image
 
 from dints3d.cityscapes.folder import read_label_ids
-from dints3d.cityscapes.labels import IGNORE_INDEX, class_names, to_label_ids, to_train_ids
+from dints3d.cityscapes.labels import (
+    IGNORE_INDEX,
+    class_names,
+    to_label_ids,
+    to_train_ids,
+)
 from dints3d.cityscapes.loss import IgnoreIndexCrossEntropy
 from dints3d.cityscapes.synthetic import INSTANCE_CLASSES, make_cityscapes_task
 from dints3d.cityscapes.transforms import train_transforms, validation_transforms

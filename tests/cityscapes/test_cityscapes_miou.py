@@ -15,7 +15,12 @@ from dints3d.cityscapes.evaluate import evaluate_cityscapes
 from dints3d.cityscapes.folder import read_label_ids
 from dints3d.cityscapes.labels import class_names, to_train_ids
 from dints3d.cli import main
-from dints3d.evaluation.confusion import ConfusionMatrixMetric, confusion_matrix, iou_per_class, mean_iou
+from dints3d.evaluation.confusion import (
+    ConfusionMatrixMetric,
+    confusion_matrix,
+    iou_per_class,
+    mean_iou,
+)
 from dints3d.evaluation.validation import validate_iou
 
 EVALUATED = [lab.id for lab in cs_labels if lab.id >= 0 and not lab.ignoreInEval]

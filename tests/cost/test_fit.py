@@ -14,9 +14,9 @@ from dints3d.cli import main
 from dints3d.config import config_path, load_config
 from dints3d.cost.fit import (
     CACHE_RAM_FRACTION,
-    GiB,
     Candidate,
     Choice,
+    GiB,
     Mode,
     cache_plan,
     candidates,

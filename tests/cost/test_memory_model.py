@@ -20,7 +20,10 @@ from dints3d.cost.memory import (
     predict_training_memory,
     step_activation_memory,
 )
-from dints3d.spaces.dints.architecture import DintsArchitecture, random_dints_architecture
+from dints3d.spaces.dints.architecture import (
+    DintsArchitecture,
+    random_dints_architecture,
+)
 
 MUL = 0.25  # tiny scale: 4 blocks × 3 depths at channel_mul 0.25
 

@@ -12,7 +12,12 @@ import pytest
 
 from dints3d.cli import main
 from dints3d.data.datalist import read_datalist
-from dints3d.data.fingerprint import FingerprintBuilder, ForegroundIntensity, patch_size, read_plan
+from dints3d.data.fingerprint import (
+    FingerprintBuilder,
+    ForegroundIntensity,
+    patch_size,
+    read_plan,
+)
 from dints3d.data.msd import load_image, load_label, read_task
 from dints3d.data.prepare import prepare
 from dints3d.utils.errors import DintsError

@@ -9,7 +9,12 @@ import torch
 
 from dints3d.cli import main
 from dints3d.random_search.engine import Budget, Evaluation, RandomSearch
-from dints3d.random_search.samplers import AutoDeepLabSampler, DintsSampler, DpcSampler, MemoryLimit
+from dints3d.random_search.samplers import (
+    AutoDeepLabSampler,
+    DintsSampler,
+    DpcSampler,
+    MemoryLimit,
+)
 from dints3d.random_search.trials import read_rows
 from dints3d.spaces.dpc.genotype import SEP_CONV, DpcCatalog
 from dints3d.utils.errors import DintsError

@@ -2,7 +2,13 @@
 
 import pytest
 
-from dints3d.search.schedule import cosine_lr, regularizer_ramp, warmup_iterations, weight_lr, weight_lr_factor
+from dints3d.search.schedule import (
+    cosine_lr,
+    regularizer_ramp,
+    warmup_iterations,
+    weight_lr,
+    weight_lr_factor,
+)
 
 
 def test_halving_after_warmup_at_decay_points():

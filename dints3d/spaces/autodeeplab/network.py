@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-from dints3d.spaces.autodeeplab.operations import level_sizes, make_operation, relu_conv_bn, resize
+from dints3d.spaces.autodeeplab.operations import (
+    level_sizes,
+    make_operation,
+    relu_conv_bn,
+    resize,
+)
 
 STEM_CHANNELS = (64, 64, 128)
 NUM_LEVELS = 4  #: strides 4, 8, 16, 32

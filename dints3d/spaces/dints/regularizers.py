@@ -15,7 +15,12 @@ from collections.abc import Sequence
 
 import torch
 
-from dints3d.spaces.dints.relaxation import LOG_EPS, full_precision, path_probabilities, working_dtype
+from dints3d.spaces.dints.relaxation import (
+    LOG_EPS,
+    full_precision,
+    path_probabilities,
+    working_dtype,
+)
 from dints3d.spaces.dints.topology import DintsTopology
 
 # MONAI reports memory in MB of float32 activations.

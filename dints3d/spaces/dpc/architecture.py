@@ -9,7 +9,11 @@ from typing import Any, ClassVar
 from torch import nn
 
 from dints3d.spaces.base import ARCH_FORMAT_VERSION, Architecture
-from dints3d.spaces.dpc.backbones import backbone_features, backbone_from_dict, backbone_patch_divisor
+from dints3d.spaces.dpc.backbones import (
+    backbone_features,
+    backbone_from_dict,
+    backbone_patch_divisor,
+)
 from dints3d.spaces.dpc.figure import dpc_figure
 from dints3d.spaces.dpc.genotype import BACKBONE, Branch, branch_to_dict, parse_branch
 from dints3d.spaces.dpc.network import DpcHead, DpcNetwork

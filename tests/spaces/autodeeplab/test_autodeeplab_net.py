@@ -7,11 +7,19 @@ import pytest
 import torch
 
 from dints3d.cli import main
-from dints3d.cost.describe import count_flops, deeplab_eval_crop, deeplab_tensorflow_macs
+from dints3d.cost.describe import (
+    count_flops,
+    deeplab_eval_crop,
+    deeplab_tensorflow_macs,
+)
 from dints3d.cost.memory import meta_network
 from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
 from dints3d.spaces.autodeeplab.network import AutoDeepLabNet
-from dints3d.spaces.factory import architecture_from_dict, list_presets, load_architecture
+from dints3d.spaces.factory import (
+    architecture_from_dict,
+    list_presets,
+    load_architecture,
+)
 from dints3d.utils.errors import DintsError
 from dints3d.utils.figures import save_figure
 

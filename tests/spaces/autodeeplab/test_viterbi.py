@@ -6,7 +6,12 @@ import math
 import pytest
 import torch
 
-from dints3d.spaces.autodeeplab.decode import STEPS, transition_log_probs, valid_transitions, viterbi
+from dints3d.spaces.autodeeplab.decode import (
+    STEPS,
+    transition_log_probs,
+    valid_transitions,
+    viterbi,
+)
 
 
 def brute_force(log_probs: torch.Tensor) -> tuple[list[int], float]:

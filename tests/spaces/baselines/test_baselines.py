@@ -13,7 +13,12 @@ from monai.bundle import ConfigParser
 from dints3d.cost.sizing import channel_mul_for_memory, peak_bytes
 from dints3d.data.losses import DeepSupervised, dice_ce_loss
 from dints3d.data.patch import resolve_patch
-from dints3d.spaces.baselines.networks import BASELINES, DynUNetArchitecture, SegResNetArchitecture, plan_baseline
+from dints3d.spaces.baselines.networks import (
+    BASELINES,
+    DynUNetArchitecture,
+    SegResNetArchitecture,
+    plan_baseline,
+)
 from dints3d.spaces.baselines.planning import MIN_FEATURE_MAP, stage_count, unet_stages
 from dints3d.spaces.factory import architecture_from_dict, load_architecture
 from dints3d.utils.errors import DintsError

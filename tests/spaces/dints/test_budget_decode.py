@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from dints3d.spaces.dints.decode import EDGE_COST, _pattern_costs, decode_topology, decode_within_budget
+from dints3d.spaces.dints.decode import (
+    EDGE_COST,
+    _pattern_costs,
+    decode_topology,
+    decode_within_budget,
+)
 from dints3d.spaces.dints.relaxation import pattern_probabilities
 from dints3d.spaces.dints.supernet import DintsSearchSpace
 from dints3d.spaces.dints.topology import DintsTopology, binary_index

@@ -11,7 +11,11 @@ from support import fp32_sum_bound
 from torch import nn
 from torch.profiler import profile
 
-from dints3d.spaces.dints.cpu_conv import OneDnnConv3d, route_cpu_convolutions, routes_to_onednn
+from dints3d.spaces.dints.cpu_conv import (
+    OneDnnConv3d,
+    route_cpu_convolutions,
+    routes_to_onednn,
+)
 
 ROUTED = [  # (in, out, kernel, side): batch-1 shapes PyTorch runs with slow_conv3d, routed to oneDNN
     (32, 32, (3, 3, 3), 8),

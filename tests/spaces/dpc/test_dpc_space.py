@@ -11,7 +11,15 @@ from dints3d.random_search.samplers import DpcSampler
 from dints3d.spaces.dints.architecture import random_dints_architecture
 from dints3d.spaces.dpc.architecture import DpcArchitecture
 from dints3d.spaces.dpc.backbones import DintsFeatures
-from dints3d.spaces.dpc.genotype import BACKBONE, CONV_1X1, PYRAMID_POOL, SEP_CONV, Branch, DpcCatalog, DpcOp
+from dints3d.spaces.dpc.genotype import (
+    BACKBONE,
+    CONV_1X1,
+    PYRAMID_POOL,
+    SEP_CONV,
+    Branch,
+    DpcCatalog,
+    DpcOp,
+)
 from dints3d.spaces.dpc.network import PyramidPool, SeparableConv
 from dints3d.spaces.factory import architecture_from_dict, load_architecture
 from dints3d.utils.errors import DintsError
