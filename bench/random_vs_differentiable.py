@@ -9,8 +9,11 @@
 3. Random search (``dints3d random-search --space dints``) samples architectures of the same grid within the same
    memory budget (memory ratio ≤ σ) and short-trains each until its summed trial CPU time reaches T; the best by
    validation Dice wins (no top-k re-evaluation, so all of its compute is in the trials).
-4. Both winners, and the first uniform random sample as a reference, are retrained with the same schedule from
-   several seeds on the whole pool and scored on the held-out cases.
+4. Both winners, the first uniform random sample as a reference, and MONAI's SegResNetDS and DynUNet (nnU-Net
+   rule, :mod:`dints3d.spaces.baselines`) widened or narrowed to the differentiable winner's predicted training
+   memory (``channel_mul``, within a few %, predicted for a GPU step of the same patches with AMP) are retrained
+   with the same schedule from several seeds on the whole pool and scored on the held-out cases. Each row states
+   its predicted peak memory relative to the searched network's.
 
 Prints a table and, last, one JSON line. ``--scale`` multiplies every iteration count.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dints3d.config import load_config
+from dints3d.cost.sizing import channel_mul_for_memory, peak_bytes
 from dints3d.data.prepare import prepare
 from dints3d.data.synthetic import make_msd_task
 from dints3d.random_search.run import memory_limit, network_random_search
@@ -115,24 +119,42 @@ def main() -> int:
         final_cfg = load_config(None, [*settings(args), "data.fold=1"])
         evaluator = NetworkEvaluator(final_cfg, root / "work", runtime, plan, patch)
         limit = memory_limit(cfg, "dints", int(plan["in_channels"]), int(plan["out_channels"]), patch, "cpu")
+        channels, classes, width = int(plan["in_channels"]), int(plan["out_channels"]), final_cfg.train.channel_mul
+        searched = load_architecture(search_arch)
+        patches = final_cfg.data.batch_size * final_cfg.data.num_samples
+
+        def peak(arch, mul: float) -> int:
+            return peak_bytes(arch, channels, classes, patch, mul, patches, True)
+
+        target = peak(searched, width)
         candidates = {
-            "differentiable search": load_architecture(search_arch),
-            "random search (best of K)": load_architecture(random_arch),
-            "one uniform random sample": architecture_from_dict(rows[0].arch),
+            "differentiable search": (searched, width),
+            "random search (best of K)": (load_architecture(random_arch), width),
+            "one uniform random sample": (architecture_from_dict(rows[0].arch), width),
         }
+        for name in ("segresnet", "dynunet"):
+            baseline = load_architecture(name, plan, deep_supervision=False)  # one loss for every row
+            mul, _ = channel_mul_for_memory(baseline, channels, classes, patch, target, batch=patches, amp=True)
+            candidates[f"{baseline.display_name} @ equal memory"] = (baseline, mul)
         results = {}
-        for name, arch in candidates.items():
-            scores = [evaluator(arch, args.retrain_iterations, 1000 + s).score for s in range(args.seeds)]
+        for name, (arch, mul) in candidates.items():
+            scores = [evaluator(arch, args.retrain_iterations, 1000 + s, mul).score for s in range(args.seeds)]
+            dints = getattr(arch, "arch_code_a", None) is not None
             results[name] = {"held_out_dice": scores, "mean": statistics.mean(scores),
                              "stdev": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                             "memory_ratio": limit.measure(arch), "active_paths": int(arch.arch_code_a.sum())}
+                             "memory_ratio": limit.measure(arch) if dints else None,
+                             "peak_vs_searched": peak(arch, mul) / target, "channel_mul": mul,
+                             "active_paths": int(arch.arch_code_a.sum()) if dints else None}
             print(f"{name}: held-out Dice {statistics.mean(scores):.4f} ± {results[name]['stdev']:.4f}",
                   file=sys.stderr)
 
-    print("| architecture | held-out Dice (mean ± sd over seeds) | memory ratio | active paths |")
-    print("|---|---|---|---|")
+    print("| architecture | held-out Dice (mean ± sd over seeds) | memory ratio (σ) | predicted peak vs searched "
+          "| channel_mul | active paths |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['mean']:.4f} ± {r['stdev']:.4f} | {r['memory_ratio']:.3f} | {r['active_paths']} |")
+        ratio = "—" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
+        print(f"| {name} | {r['mean']:.4f} ± {r['stdev']:.4f} | {ratio} | {r['peak_vs_searched']:.2f} | "
+              f"{r['channel_mul']:.3g} | {r['active_paths'] or '—'} |")
     short = sorted(r.score for r in rows)
     summary = {
         "bench": "random_vs_differentiable", "split": split, "search_cpu_seconds": round(search_seconds, 1),
@@ -140,7 +162,7 @@ def main() -> int:
         "random_trial_cpu_seconds": round(sum(r.seconds for r in rows), 1),
         "random_short_dice": {"best": short[-1], "median": statistics.median(short), "worst": short[0]},
         "retrain_iterations": args.retrain_iterations, "seeds": args.seeds,
-        **{name.split(" (")[0].replace(" ", "_"): r for name, r in results.items()},
+        **{name.split(" (")[0].replace(" @ ", "_at_").replace(" ", "_"): r for name, r in results.items()},
         "ratio_differentiable_to_random": results["differentiable search"]["mean"]
         / results["random search (best of K)"]["mean"],
     }

@@ -195,8 +195,9 @@ class HeadEvaluator:
 
 
 class NetworkEvaluator:
-    """Trains a whole discrete network (``arch.build(..., channel_mul=train.channel_mul)``) on patches of the fold's
-    training cases (both search halves) and scores it as the search validates (sliding windows; Dice or IoU)."""
+    """Trains a whole discrete network (``arch.build(..., channel_mul=train.channel_mul)``, or the ``channel_mul``
+    given to the call) on patches of the fold's training cases (both search halves) and scores it as the search
+    validates (sliding windows; Dice or IoU)."""
     def __init__(self, cfg: Config, work, runtime: Runtime, plan: dict, patch: list[int]):
         self.cfg, self.rt, self.plan, self.patch = cfg, runtime, plan, patch
         d = cfg.data
@@ -213,10 +214,11 @@ class NetworkEvaluator:
         for batch in stream_loader(stream, d.batch_size, d.num_workers):
             yield batch["image"], batch["label"]
 
-    def __call__(self, arch, iterations: int, seed: int) -> Evaluation:
+    def __call__(self, arch, iterations: int, seed: int, channel_mul: float | None = None) -> Evaluation:
         seed_everything(seed)
         in_channels, classes = int(self.plan["in_channels"]), int(self.plan["out_channels"])
-        net = arch.build(in_channels, classes, channel_mul=self.cfg.train.channel_mul).to(self.rt.device)
+        width = self.cfg.train.channel_mul if channel_mul is None else channel_mul
+        net = arch.build(in_channels, classes, channel_mul=width).to(self.rt.device)
         log = train_steps(net, self._batches(seed, iterations), iterations, self.schedule, self.rt, self.loss_fn)
         s = self.cfg.search
         scores = validate_scores(self.plan, net, (self.val_data[i] for i in range(len(self.val_data))), self.patch,

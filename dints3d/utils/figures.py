@@ -26,9 +26,7 @@ def matplotlib_available() -> bool:
 def new_figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, dpi: int = 110,
                **subplot_kw: Any) -> tuple[Figure, Any]:
     """A figure and its axes (one ``Axes`` or an array of them, as ``pyplot.subplots`` returns)."""
-    from matplotlib.figure import (
-        Figure,  # optional at run time: figures only (see the module docstring)
-    )
+    from matplotlib.figure import Figure  # optional: figures only (module docstring)
 
     fig = Figure(figsize=figsize, dpi=dpi)
     return fig, fig.subplots(nrows, ncols, **subplot_kw)

@@ -52,7 +52,7 @@ def test_two_process_inference_writes_each_mask_once_and_equals_one_process(bund
     task = bundle.parent / "task"
     for path in [*sorted((task / "imagesTs").glob("*.nii.gz")), sorted((task / "imagesTr").glob("*.nii.gz"))[0]]:
         shutil.copy(path, images / path.name)  # 3 cases: 2 for rank 0, 1 for rank 1
-    sets = (*FAST, f"ckpt_path={weights}", "postprocessing#transforms#3#print_log=true")
+    sets = (*FAST, f"ckpt_path={weights}", "postprocessing_steps#5#print_log=true")
 
     two = infer(bundle, [images], tmp_path / "two", sets, log=tmp_path / "two.log", nproc=2)
     assert two.returncode == 0 and not two.failures, (tmp_path / "two.log").read_text()[-3000:]

@@ -57,9 +57,7 @@ def _cell_dag(ax, arch) -> None:
     ax.set_ylim(-0.5, 1.5)
     ax.axis("off")
     used = [op for op in CELL_OPERATIONS if any(op == o for _, o in arch.cell)]
-    from matplotlib.lines import (
-        Line2D,  # optional at run time: figures only (utils/figures.py)
-    )
+    from matplotlib.lines import Line2D  # optional: figures only (utils/figures.py)
 
     handles = [Line2D([0], [0], color=OP_COLORS[op], lw=2, label=op) for op in used]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(len(used), 4),

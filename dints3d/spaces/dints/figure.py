@@ -44,9 +44,7 @@ def dints_figure(arch, title: str | None = None) -> Figure:
     ax.set_ylabel("resolution")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    from matplotlib.lines import (
-        Line2D,  # optional at run time: figures only (utils/figures.py)
-    )
+    from matplotlib.lines import Line2D  # optional: figures only (utils/figures.py)
 
     handles = [Line2D([0], [0], color=OP_COLORS[i % len(OP_COLORS)], lw=2, label=name) for i, name in enumerate(ops)]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(len(ops), 5), frameon=False,
