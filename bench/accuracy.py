@@ -18,6 +18,9 @@ on this machine (one validation, at the end: ``model.pt`` is the final model). E
 and, last, one JSON line; writes ``OUT/<task>/results.json`` and ``OUT/results.md``.
 
     python bench/accuracy.py --out runs/accuracy [--tasks ct brain] [--folds 5] [--iterations 300]
+
+``--run-folds N`` trains and scores only the first N folds of the K-fold split (mean ± sd over those N folds);
+``--candidates`` keeps the named rows only (e.g. ``searched "segresnet @mem" "dynunet @mem" "segresnet default"``).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def settings(args: argparse.Namespace, fold: int) -> list[str]:
         f"search.iterations={args.search_iterations}", f"search.val_interval={args.search_iterations}",
         f"search.checkpoint_interval={args.search_iterations}", "search.amp=false",
         f"train.iterations={args.iterations}", f"train.val_interval={args.iterations}",
-        "train.batch_size=2", "train.amp=false", f"train.channel_mul={args.channel_mul}",
+        "train.batch_size=2", "train.amp=false", f"train.channel_mul={args.channel_mul}", *args.set,
     ]
 
 
@@ -139,9 +142,11 @@ def task_results(args: argparse.Namespace, task: str) -> dict:
         prepare(root / "task", work, folds=args.folds, seed=args.seed, config=config, progress=False)
     datalist = read_json(work / "datalist.json")
     per_fold: dict[str, list[dict]] = {}
-    for fold in range(args.folds):
+    for fold in range(args.run_folds or args.folds):
         arch_file = searched(args, root, work, fold)
         for name, spec in candidates(args, work, arch_file).items():
+            if args.candidates and name not in args.candidates:
+                continue
             result = run_fold(args, root, work, fold, name, spec)
             per_fold.setdefault(name, []).append({**spec, **result, "fold": fold})
             print(f"{task} fold {fold} {name}: trained in {result['seconds']:.0f} s", flush=True)
@@ -163,7 +168,8 @@ def task_results(args: argparse.Namespace, task: str) -> dict:
             "seconds_per_fold": statistics.mean(f["seconds"] for f in folds),
             "channel_mul": [f["channel_mul"] for f in folds], "recipe": folds[0]["recipe"],
         }
-    result = {"task": task, "cases": len(datalist["training"]), "folds": args.folds, "iterations": args.iterations,
+    result = {"task": task, "cases": len(datalist["training"]), "folds": args.folds,
+              "folds_run": args.run_folds or args.folds, "iterations": args.iterations,
               "search_iterations": args.search_iterations, "patch": patch_of(args),
               "rows": rows}
     write_json(root / "results.json", result)
@@ -201,6 +207,10 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=48, help="synthetic volume side (voxels)")
     parser.add_argument("--patch", default="32,32,32", help="training patch of every candidate (multiples of 32)")
     parser.add_argument("--iterations", type=int, default=300, help="training iterations of every candidate")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for search and training (e.g. dints.use_downsample=false)")
+    parser.add_argument("--run-folds", type=int, help="train and score only the first N folds (default: all)")
+    parser.add_argument("--candidates", nargs="+", metavar="NAME", help="only these rows (default: all)")
     parser.add_argument("--search-iterations", type=int, default=120)
     parser.add_argument("--blocks", type=int, default=4, help="DiNTS layers searched")
     parser.add_argument("--channel-mul", type=float, default=0.5, help="retraining width of the searched network")
@@ -209,7 +219,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = [task_results(args, task) for task in args.tasks]
-    text = "\n\n".join(f"### {r['task']}: {r['cases']} cases, {r['folds']}-fold CV, {r['iterations']} iterations, "
+    text = "\n\n".join(f"### {r['task']}: {r['cases']} cases, {r['folds_run']} of {r['folds']} CV folds, "
+                       f"{r['iterations']} iterations, "
                        f"patch {r['patch']}\n\n{table(r)}" for r in results)
     write_text(args.out / "results.md", text + "\n")
     print(text)
