@@ -25,7 +25,7 @@ FAST = ("sw_overlap=0.25",)
 
 def test_two_process_training_partitions_the_cases_and_saves_once(bundle, tmp_path):
     log = tmp_path / "train.log"
-    assert train(bundle, sets=FAST + ("num_iterations=4", "val_interval=2"), log=log, nproc=2) == 0, \
+    assert train(bundle, sets=FAST + ("num_iterations=4", "epoch_length=2"), log=log, nproc=2) == 0, \
         log.read_text()[-3000:]
     text = log.read_text()
     # 2 training cases: one per process (partition_dataset), each process's epochs seeded with its rank
@@ -52,7 +52,7 @@ def test_two_process_inference_writes_each_mask_once_and_equals_one_process(bund
     task = bundle.parent / "task"
     for path in [*sorted((task / "imagesTs").glob("*.nii.gz")), sorted((task / "imagesTr").glob("*.nii.gz"))[0]]:
         shutil.copy(path, images / path.name)  # 3 cases: 2 for rank 0, 1 for rank 1
-    sets = (*FAST, f"ckpt_path={weights}", "postprocessing#transforms#3#print_log=true")
+    sets = (*FAST, f"ckpt_path={weights}", "postprocessing_steps#5#print_log=true")
 
     two = infer(bundle, [images], tmp_path / "two", sets, log=tmp_path / "two.log", nproc=2)
     assert two.returncode == 0 and not two.failures, (tmp_path / "two.log").read_text()[-3000:]
