@@ -60,22 +60,31 @@ def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets
     launcher(nproc)
     if device not in TRAIN_DEVICES:
         raise DintsError("--device", f"must be one of {', '.join(TRAIN_DEVICES)}, got '{device}'")
-    args = []
-    if work is not None:
-        datalist, task_dir = work_data(work)
-        args += ["--datalist_file", str(datalist), "--dataset_dir", str(task_dir)]
     settings = train_settings(train_yaml, sets, work)
+    args = [] if work is None else [item for key in work_settings(settings) for item in (f"--{key}", settings[key])]
     env = {**(env or {}), **preflight_training(bundle, settings, nproc, device, work)}
     mode = resume_mode(resume, bundle_folder(settings.get("ckpt_dir"), bundle))
     configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
     return bundle_run(bundle, configs, args + ["--resume_mode", mode] + override_args(sets), log, nproc, env)
 
 
-def work_data(work: str | os.PathLike) -> tuple[Path, Path]:
-    """A prepared folder's ``datalist.json`` and the task folder it names (``task_dir``), both absolute."""
+def work_settings(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The train.yaml settings ``--work`` sets: the datalist and the task folder (MSD bundles), or the prepared folder
+    (Cityscapes bundles, whose train.yaml reads ``work_dir``)."""
+    return ("datalist_file", "dataset_dir") if "datalist_file" in config else ("work_dir",)
+
+
+def work_datalist(work: str | os.PathLike) -> Path:
+    """A prepared folder's ``datalist.json`` (absolute), which must exist."""
     datalist = Path(work).absolute() / "datalist.json"
     if not datalist.is_file():
         raise DintsError(work, "no datalist.json here; give the folder written by `dints3d prepare`")
+    return datalist
+
+
+def work_data(work: str | os.PathLike) -> tuple[Path, Path]:
+    """A prepared folder's ``datalist.json`` and the task folder it names (``task_dir``), both absolute."""
+    datalist = work_datalist(work)
     task_dir = read_json(datalist).get("task_dir")
     if not isinstance(task_dir, str):
         raise DintsError(datalist, "names no task_dir; rerun `dints3d prepare`")
@@ -111,9 +120,11 @@ def train_settings(train_yaml: Path, sets: list[str] | tuple[str, ...] = (),
             raise DintsError("--set", "resume_mode is set by dints3d train (use --resume)")
         if "#" not in key:
             config[key] = value
-    if work is not None:
+    if work is not None and "datalist_file" in config:
         datalist, task_dir = work_data(work)
-        config["datalist_file"], config["dataset_dir"] = str(datalist), str(task_dir)
+        config.update(datalist_file=str(datalist), dataset_dir=str(task_dir))
+    elif work is not None:
+        config["work_dir"] = str(work_datalist(work).parent)
     return config
 
 

@@ -154,8 +154,15 @@ def test_device_and_resume_reach_the_bundle_run(fresh, monkeypatch, capsys):
     (fresh / "models" / "checkpoint_epoch=1.pt").write_bytes(b"checked by the bundle run")
     assert main(["train", str(fresh), "--resume", "auto"]) == 0
     assert main(["train", str(fresh), "--resume"]) == 0
+    work = fresh.parent / "work"
+    assert main(["train", str(fresh), "--resume", "--work", str(work)]) == 0
     modes = [cmd[cmd.index("--resume_mode") + 1] for cmd, _ in runs]
-    assert modes == ["never", "never", "same_settings", "same_settings"]
+    assert modes == ["never", "never", "same_settings", "same_settings", "same_settings"]
+    # --work: the prepared folder's datalist and the task it names, instead of the bundle's own copy
+    with_work = runs[-1][0]
+    assert with_work[with_work.index("--datalist_file") + 1] == str(work / "datalist.json")
+    assert with_work[with_work.index("--dataset_dir") + 1] == str(fresh.parent / "task")
+    assert "--datalist_file" not in runs[0][0] and "--dataset_dir" not in runs[0][0]
     assert runs[0][1]["CUDA_VISIBLE_DEVICES"] == "" and runs[1][1] is None
     assert "running: CUDA_VISIBLE_DEVICES='' python -m monai.bundle run" in capsys.readouterr().out
 
