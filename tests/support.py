@@ -114,10 +114,12 @@ def tiny_arch() -> DintsArchitecture:
 
 
 def parse(bundle: Path, *names: str) -> ConfigParser:
-    """The bundle's configs ``names`` (merged in order) and its metadata, parsed as ``monai.bundle`` does."""
+    """The bundle's configs ``names`` (merged in order) and its metadata, parsed as ``monai.bundle run --bundle_root
+    BUNDLE`` does (the configs say ``bundle_root: .``, the folder they are run from)."""
     parser = ConfigParser()
     parser.read_config([str(bundle / "configs" / name) for name in names])
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(bundle)
     parser.parse()
     return parser
 

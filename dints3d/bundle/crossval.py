@@ -36,8 +36,8 @@ import torch
 from dints3d.bundle.ensemble import Member, write_ensemble
 from dints3d.bundle.infer import segment
 from dints3d.bundle.input_checks import NIFTI
-from dints3d.bundle.runner import bundle_folder, config_file
-from dints3d.bundle.train import train, train_settings
+from dints3d.bundle.runner import config_file
+from dints3d.bundle.train import recorded_work, train, train_settings
 from dints3d.data.datalist import read_datalist
 from dints3d.evaluation.metrics import (
     METRICS,
@@ -63,11 +63,12 @@ def fold_dir(bundle: Path, fold: int) -> Path:
 
 
 def work_dir(bundle: Path, work: str | os.PathLike | None) -> Path:
-    """The prepared folder the bundle trains on (``--work``, else train.yaml's ``work_dir``)."""
-    value = work if work is not None else train_settings(config_file(bundle, "train.yaml")).get("work_dir")
-    if not isinstance(value, (str, os.PathLike)) or str(value).startswith("$"):
-        raise DintsError(config_file(bundle, "train.yaml"), "work_dir is an expression; give --work")
-    folder = bundle_folder(os.fspath(value), bundle) or Path(value)
+    """The prepared folder the bundle trains on (``--work``, else the one ``dints3d export`` recorded relative to
+    the bundle: search.yaml's ``work_dir``)."""
+    folder = Path(work).absolute() if work is not None else recorded_work(bundle)
+    if folder is None:
+        raise DintsError(bundle, "the prepared folder it was exported from is not where the bundle's configs/"
+                         "search.yaml says (work_dir, relative to the bundle); give --work WORK")
     if not (folder / "datalist.json").is_file():
         raise DintsError(folder, "no datalist.json here; give the folder written by `dints3d prepare` (--work)")
     return folder
@@ -116,7 +117,9 @@ def train_folds(bundle: str | os.PathLike, folds: Sequence[int], work: str | os.
 
     def one(index_fold: tuple[int, int]) -> tuple[int, int]:
         index, k = index_fold
-        fold_sets = [*sets, f"fold={k}", f"ckpt_dir={fold_dir(bundle, k)}", f"output_dir={bundle / 'logs' / f'fold{k}'}"]
+        # the fold's score goes to cv/summary.json, not to the bundle's metadata.json (record_results)
+        fold_sets = [*sets, f"fold={k}", f"ckpt_dir={fold_dir(bundle, k)}", f"output_dir={bundle / 'logs' / f'fold{k}'}",
+                     "record_results=false"]
         gpus = _visible_gpus()
         env = {"CUDA_VISIBLE_DEVICES": str(gpus[index % len(gpus)])} if parallel > 1 and gpus else None
         log = None if parallel == 1 else (log_dir or bundle / "logs") / f"fold{k}.log"

@@ -5,7 +5,7 @@ probabilities (``scripts/ensemble.py``'s ``MirroredSoftmax``).
 It is written as ``configs/ensemble.yaml``, an overlay of ``inference.yaml`` (MONAI alone, plus the bundle's own
 ``scripts/``)::
 
-    python -m monai.bundle run --config_file "['configs/inference.yaml', 'configs/ensemble.yaml']" --bundle_root B
+    python -m monai.bundle run --config_file "['configs/inference.yaml', 'configs/ensemble.yaml']"  # in the bundle
 
 ``dints3d infer`` uses it whenever the bundle has one. Every model's output is a full volume of class probabilities;
 ``inference.yaml``'s ``stitch_cpu_voxels`` moves the stitching to the CPU for volumes whose outputs would not fit a
@@ -37,8 +37,9 @@ class Member:
 
 def ensemble_config(members: Sequence[Member], mirror_axes: Sequence[int],
                     largest_component_labels: Sequence[int]) -> dict[str, Any]:
-    """The overlay: one ``MirroredSoftmax`` network per checkpoint, each loaded by a ``CheckpointLoader``, their
-    probabilities averaged by ``MeanEnsembled`` before ``inference.yaml``'s post-processing steps."""
+    """The overlay: one ``MirroredSoftmax`` network per checkpoint, each loaded by a ``CheckpointLoader`` handler
+    (so inference.yaml's single-model ``checkpointloader`` is off: ``load_pretrain: false``), their probabilities
+    averaged by ``MeanEnsembled`` before ``inference.yaml``'s post-processing steps."""
     nets, handlers = [], []
     for i, member in enumerate(members):
         for checkpoint in member.checkpoints:
@@ -51,6 +52,7 @@ def ensemble_config(members: Sequence[Member], mirror_axes: Sequence[int],
     return {
         "members": [{"arch": f"$json.loads(pathlib.Path(@bundle_root, '{m.arch_file}').read_text())",
                      "checkpoints": list(m.checkpoints)} for m in members],
+        "load_pretrain": False,
         "mirror_axes": [int(a) for a in mirror_axes],
         "largest_component_labels": [int(c) for c in largest_component_labels],
         "nets": nets,
@@ -61,7 +63,7 @@ def ensemble_config(members: Sequence[Member], mirror_axes: Sequence[int],
         "handlers": [*handlers, {"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": {"_target_": "EnsembleEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "networks": "@models", "pred_keys": "@pred_keys", "inferer": "@inferer",
-                      "postprocessing": "@postprocessing", "val_handlers": "@handlers", "amp": "@amp"},
+                      "postprocessing": "@postprocessing", "val_handlers": "@handlers", "amp": "@use_amp"},
     }
 
 

@@ -1,20 +1,27 @@
-"""``dints3d export``: a searched architecture + a prepared task → a self-contained MONAI bundle.
+"""``dints3d export``: a searched architecture + a prepared task → a self-contained, relocatable MONAI bundle.
 
 The bundle is the template ``bundles/dints_msd`` with its task settings filled in: every YAML config starts with a
 block of top-level keys (channels, classes, patch, spacing, orientation, normalization as a MONAI transform, training
-settings, paths) that this module overwrites with the plan's and the config's values, keeping the template's
-comments. ``metadata.json`` and ``docs/README.md`` are filled the same way, the architecture goes to
-``models/arch.json`` and its picture to ``docs/arch.png``. The bundle is assembled in a temporary sibling folder and
-renamed into place, so ``BUNDLE`` is either complete or absent.
+settings, where the data are) that this module overwrites with the plan's and the config's values, keeping the
+template's comments. ``metadata.json``, ``docs/README.md`` and ``docs/data_license.txt`` are filled the same way, the
+architecture goes to ``models/arch.json`` and its picture to ``docs/arch.png``, the prepared datalist to
+``configs/datalist.json`` and inference.yaml's JSON form to ``configs/inference.json``; the template's ``scripts/``
+(the code train.yaml, evaluate.yaml and inference.yaml import besides MONAI) are copied. No file holds an absolute
+path: ``bundle_root`` is ``.`` and the task and WORK folders are written relative to the bundle
+(:func:`data_locations`). The bundle is assembled in a temporary sibling folder and renamed into place, so ``BUNDLE``
+is either complete or absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+import yaml
 from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
 
 import dints3d
@@ -22,13 +29,18 @@ from dints3d.bundle import recipes
 from dints3d.bundle.template import (
     arch_source_name,
     bullets,
+    bundle_relative,
     check_target,
+    fill_text,
+    fill_yaml,
     parameter_count,
     template_dir,
     versions,
     write_bundle,
 )
 from dints3d.config import Config, config_path, config_to_dict, load_config
+from dints3d.cost.memory import meta_network, predict_training_memory
+from dints3d.data.datalist import DATALIST_FILE
 from dints3d.data.dataset import load_plan
 from dints3d.data.formats import plan_format
 from dints3d.data.patch import resolve_patch
@@ -36,20 +48,36 @@ from dints3d.data.transforms import normalization_transform
 from dints3d.spaces.base import Architecture
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
-from dints3d.utils.io import read_json
+from dints3d.utils.io import read_json, write_text
+from dints3d.utils.preflight import estimate_cache_bytes
 
 TEMPLATE = "dints_msd"
-#: configs with a task-settings block (the others are overrides of train.yaml)
+#: configs with a task-settings block (the others are overrides of train.yaml or inference.yaml)
 FILLED_CONFIGS = ("inference.yaml", "train.yaml", "search.yaml")
-COPIED_FILES = ("configs/evaluate.yaml", "configs/multi_gpu_train.yaml", "configs/multi_gpu_inference.yaml",
-                "configs/logging.conf", "LICENSE", "models/README.md", "scripts/__init__.py", "scripts/ensemble.py")
-#: metadata ``required_packages_version`` (besides MONAI, PyTorch and NumPy): what the bundle's configs use, dints3d
-#: included because train.yaml and search.yaml need it. MONAI's tools read only this standard key, so the split
-#: (inference and evaluation need none of dints3d) is stated in the description (:data:`MONAI_ONLY`).
-REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite", "fire", "tensorboard", "scikit-image", "dints3d")
-MONAI_ONLY = ("Inference and evaluation need MONAI only: of the required packages, dints3d is needed solely for "
-              "training (configs/train.yaml, whose dints3d handlers give atomic checkpoints, exact resume and skipping "
-              "of non-finite steps) and for re-running the architecture search (configs/search.yaml).")
+#: the bundle's own code (``scripts/``): what train.yaml, evaluate.yaml and inference.yaml import besides MONAI
+SCRIPTS = ("scripts/__init__.py", "scripts/checkpoints.py", "scripts/ensemble.py", "scripts/errors.py",
+           "scripts/losses.py", "scripts/memory.py", "scripts/reliability.py", "scripts/results.py")
+COPIED_FILES = ("configs/evaluate.yaml", "configs/multi_gpu_train.yaml", "configs/multi_gpu_evaluate.yaml",
+                "configs/multi_gpu_inference.yaml", "configs/inference_trt.yaml", "configs/logging.conf", "LICENSE",
+                "large_files.yml", "models/README.md", *SCRIPTS)
+#: metadata ``required_packages_version`` (besides MONAI, PyTorch and NumPy): what training, evaluation and inference
+#: import. Not dints3d: only configs/search.yaml needs it, which the description and docs/README.md say.
+REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite", "fire", "tensorboard", "pyyaml", "scikit-image")
+SELF_CONTAINED = ("Training, evaluation and inference need MONAI and this bundle's own scripts/ only; re-running the "
+                  "architecture search (configs/search.yaml) needs dints3d.")
+#: the datalist lists a bundle trains and evaluates on (the search's halves of each fold stay in WORK)
+DATALIST_LISTS = re.compile(r"training|test|fold\d+_(train|validation)")
+REFERENCES = {
+    "dints": "He, Y., Yang, D., Roth, H., Zhao, C. and Xu, D., 2021. DiNTS: Differentiable Neural Network Topology "
+             "Search for 3D Medical Image Segmentation. CVPR 2021, pp. 5841-5850.",
+    "nnunet": "Isensee, F., Jaeger, P.F., Kohl, S.A.A., Petersen, J. and Maier-Hein, K.H., 2021. nnU-Net: a "
+              "self-configuring method for deep learning-based biomedical image segmentation. Nature Methods 18, "
+              "pp. 203-211.",
+    "msd": "Antonelli, M., Reinke, A., Bakas, S. et al., 2022. The Medical Segmentation Decathlon. Nature "
+           "Communications 13, 4128.",
+    "monai": "Cardoso, M.J., Li, W., Brown, R. et al., 2022. MONAI: An open-source framework for deep learning in "
+             "healthcare. arXiv:2211.02701.",
+}
 
 
 def normalization_config(plan: dict) -> dict:
@@ -72,15 +100,25 @@ def _in_plane_axes(plan: dict, patch: list[int]) -> list[int] | None:
     return axes if patch[axes[0]] == patch[axes[1]] else None
 
 
+def data_locations(bundle: Path, work: Path, task_dir: Path) -> dict[str, dict[str, str]]:
+    """Config file → its settings that locate the data, relative to ``bundle`` (:func:`bundle_relative`): the task
+    folder (train.yaml), its test images (inference.yaml), the prepared folder (search.yaml)."""
+    return {"train.yaml": {"dataset_dir": bundle_relative(task_dir, bundle)},
+            "inference.yaml": {"dataset_dir": bundle_relative(task_dir / "imagesTs", bundle)},
+            "search.yaml": {"work_dir": bundle_relative(work, bundle)}}
+
+
 def task_settings(arch: Architecture, plan: dict, cfg: Config, bundle_root: Path, work: Path,
                   task_dir: Path) -> dict[str, dict[str, Any]]:
-    """Config file → the values of its task-settings block (and of the recipe's items of train.yaml)."""
+    """Config file → the values of its task-settings block (and of the recipe's items of train.yaml). No value is
+    an absolute path: ``bundle_root`` is ``.`` and the data are located relative to it (:func:`data_locations`)."""
     patch = resolve_patch(plan, arch.patch_divisor, arch.patch_requirement,
                           ("train.patch_size", cfg.train.patch_size), ("data.patch_size", cfg.data.patch_size), dims=3)
     t = cfg.train
     optimizer = t.optimizer_settings()
+    located = data_locations(bundle_root, work, task_dir)
     common = {
-        "bundle_root": str(bundle_root),
+        "bundle_root": ".",
         "in_channels": int(plan["in_channels"]),
         "out_channels": int(plan["out_channels"]),
         "patch_size": patch,
@@ -94,13 +132,13 @@ def task_settings(arch: Architecture, plan: dict, cfg: Config, bundle_root: Path
     }
     train = {
         **common,
-        "work_dir": str(work),
-        "dataset_dir": str(task_dir),
+        **located["train.yaml"],
         "fold": int(cfg.data.fold),
         "rotate90_axes": _in_plane_axes(plan, patch),
         "recipe": t.recipe,
         "num_iterations": int(t.iterations),
-        "val_interval": int(t.val_interval),
+        "epoch_length": int(t.val_interval),  # dints3d validates every train.val_interval iterations: one epoch
+        "val_interval": 1,
         "learning_rate": optimizer["lr"],
         "momentum": optimizer["momentum"],
         "weight_decay": optimizer["weight_decay"],
@@ -114,10 +152,35 @@ def task_settings(arch: Architecture, plan: dict, cfg: Config, bundle_root: Path
         "lr_scheduler": recipes.lr_scheduler(t.recipe),
     }
     return {
-        "inference.yaml": {**common, "dataset_dir": str(task_dir / "imagesTs")},
+        "inference.yaml": {**common, **located["inference.yaml"]},
         "train.yaml": train,
-        "search.yaml": {"bundle_root": str(bundle_root), "work_dir": str(work), "search_settings": config_to_dict(cfg)},
+        "search.yaml": {"bundle_root": ".", **located["search.yaml"], "search_settings": config_to_dict(cfg)},
     }
+
+
+def bundle_datalist(work: Path) -> str:
+    """``configs/datalist.json``: the prepared datalist's cases and folds (paths relative to the task folder), without
+    the task's absolute path and the search's halves of each fold."""
+    datalist = read_json(work / DATALIST_FILE)
+    kept = {key: value for key, value in datalist.items()
+            if key in ("version", "seed", "num_folds") or DATALIST_LISTS.fullmatch(key)}
+    return json.dumps(kept, indent=2) + "\n"
+
+
+def inference_json(inference_yaml: str) -> str:
+    """``configs/inference.json``: inference.yaml as JSON, the file ``monai.bundle.load(workflow_type="inference")``
+    reads."""
+    return json.dumps(yaml.safe_load(inference_yaml), indent=2) + "\n"
+
+
+def relocate(bundle: Path, work: Path, task_dir: Path) -> None:
+    """Point a bundle that was copied to ``bundle`` at its data again: the settings of :func:`data_locations`
+    rewritten relative to its new place (and ``configs/inference.json`` with them)."""
+    for name, values in data_locations(bundle, work, task_dir).items():
+        path = bundle / "configs" / name
+        write_text(path, fill_yaml(path.read_text(), values, str(path)))
+    write_text(bundle / "configs" / "inference.json",
+               inference_json((bundle / "configs" / "inference.yaml").read_text()))
 
 
 def _input_format(plan: dict, patch: list[int]) -> dict[str, Any]:
@@ -138,8 +201,9 @@ def _input_format(plan: dict, patch: list[int]) -> dict[str, Any]:
     }
 
 
-def metadata(template: dict, arch: Architecture, plan: dict, patch: list[int], arch_source: str) -> dict:
-    """``configs/metadata.json``: the template's text fields, this environment's versions, the plan's data format."""
+def metadata(template: dict, arch: Architecture, plan: dict, patch: list[int], arch_source: str, recipe: str) -> dict:
+    """``configs/metadata.json``: the template's text fields, this environment's versions, the plan's data format;
+    ``eval_metrics`` stays empty until training fills it (``scripts/results.py``)."""
     image = _input_format(plan, patch)
     names = [str(n) for n in plan["class_names"]]
     pred = {**image, "format": "segmentation", "num_channels": len(names), "value_range": [],
@@ -147,7 +211,9 @@ def metadata(template: dict, arch: Architecture, plan: dict, patch: list[int], a
     classes = ", ".join(f"{i} {n}" for i, n in enumerate(names))
     modality = "/".join(plan["modalities"])
     description = (f"{arch.headline()} segmenting {', '.join(names[1:])} in {modality} images "
-                   f"of {plan['name']}; architecture from {arch_source}. {MONAI_ONLY}")
+                   f"of {plan['name']}; architecture from {arch_source}. {SELF_CONTAINED}")
+    references = [REFERENCES[key] for key in ("dints", "nnunet", "msd", "monai")
+                  if key != "nnunet" or recipe == "nnunet"]
     return {
         **template,
         **versions(REQUIRED_PACKAGES),
@@ -161,13 +227,47 @@ def metadata(template: dict, arch: Architecture, plan: dict, patch: list[int], a
                          f"{normalization_config(plan)['_target_']}",
         "label_classes": classes,
         "pred_classes": classes,
+        "eval_metrics": {},
+        "references": references,
         "network_data_format": {"inputs": {"image": image}, "outputs": {"pred": pred}},
     }
 
 
-def readme_values(arch: Architecture, plan: dict, settings: dict, meta: dict, bundle: Path,
-                  arch_source: str) -> dict[str, str]:
-    """Values of the ``{{placeholders}}`` of ``docs/README.md``."""
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _relative(value: str) -> str:
+    """A :func:`bundle_relative` value as a reader sees it: ``../task``."""
+    match = re.fullmatch(r"\$@bundle_root \+ '/(.*)'", value)
+    return match.group(1) if match else value
+
+
+def requirements(arch: Architecture, plan: dict, train: dict, cases: int) -> str:
+    """The README's system requirements: the GPU memory of a training step as dints3d's memory model predicts it
+    (:func:`~dints3d.cost.memory.predict_training_memory`), the RAM of the data cache, the disk of the checkpoints."""
+    batch = train["batch_size"] * train["num_samples"]
+    model = meta_network(arch, int(plan["in_channels"]), int(plan["out_channels"]), channel_mul=train["channel_mul"])
+    step = predict_training_memory(model, (int(plan["in_channels"]), *train["patch_size"]), batch=batch,
+                                   amp=train["amp"], device="cuda")
+    parameters = sum(p.numel() for p in model.parameters())
+    return bullets({
+        "GPU memory for training": f"about {_size(step['peak'])} per process (predicted by dints3d's memory model for "
+                                   f"a step of {batch} patch(es) of {' × '.join(map(str, train['patch_size']))}, amp "
+                                   f"{str(train['amp']).lower()}; cuDNN workspaces not included)",
+        "GPU memory for inference": "less than for training (no gradients); volumes whose outputs would exceed a "
+                                    "quarter of the GPU are stitched on the CPU (stitch_cpu_voxels)",
+        "RAM": f"about {_size(estimate_cache_bytes(plan, cases) * min(train['cache_rate'], 1.0))} for the training "
+               f"data cache ({cases} cases at cache_rate {train['cache_rate']}), plus MONAI and PyTorch",
+        "disk": f"about {_size(3 * 8 * parameters + 2 * 4 * parameters)} for the checkpoints ({parameters / 1e6:.2f} M "
+                "parameters: two checkpoints kept, one being written, model.pt)",
+        "tested with": "CPU and NVIDIA GPUs (CUDA); several processes with torchrun (NCCL, or gloo on CPU)",
+    })
+
+
+def readme_values(arch: Architecture, plan: dict, settings: dict, meta: dict, arch_source: str,
+                  cases: int) -> dict[str, str]:
+    """Values of the ``{{placeholders}}`` of ``docs/README.md`` (none of them an absolute path)."""
     train = settings["train.yaml"]
     facts = {name.replace("_", " "): value for name, value in arch.summary(train["channel_mul"]).items()}
     architecture = bullets({
@@ -185,20 +285,36 @@ def readme_values(arch: Architecture, plan: dict, settings: dict, meta: dict, bu
     }) if prov else f"- source: `{arch_source}` (no search provenance recorded)"
     norm = settings["inference.yaml"]["normalization"]
     data = bullets({
-        "task": f"{plan['name']} ({settings['train.yaml']['dataset_dir']})",
+        "task": f"{plan['name']} (`dataset_dir`: `{_relative(train['dataset_dir'])}`, relative to the bundle, as "
+                "export found it; override it with `--dataset_dir`)",
+        "cases": f"{cases} training cases in `configs/datalist.json` (paths relative to `dataset_dir`), trained on "
+                 f"fold {train['fold']}",
         "classes": meta["label_classes"],
         "channels": ", ".join(plan["modalities"]),
         "orientation": plan.get("orientation", "RAS"),
         "target spacing": " × ".join(f"{s:.4g}" for s in plan["target_spacing"]) + " mm",
         "patch": " × ".join(map(str, train["patch_size"])),
         "normalization": ", ".join(f"{k}={v}" for k, v in norm.items() if k != "keys"),
-        "prepared folder": f"`{train['work_dir']}` (datalist fold {train['fold']})",
     })
-    training = bullets({key: train[key] for key in ("recipe", "channel_mul", "num_iterations", "val_interval",
-                                                     "learning_rate", "momentum", "weight_decay", "batch_size",
-                                                     "num_samples", "amp")})
+    training = bullets({key: train[key] for key in ("recipe", "channel_mul", "num_iterations", "epoch_length",
+                                                     "val_interval", "learning_rate", "momentum", "weight_decay",
+                                                     "batch_size", "num_samples", "amp")})
     return {"title": meta["name"], "description": meta["description"], "architecture": architecture,
-            "provenance": provenance, "data": data, "training": training, "bundle": str(bundle)}
+            "provenance": provenance, "data": data, "training": training,
+            "requirements": requirements(arch, plan, train, cases),
+            "references": "\n".join(f"- {reference}" for reference in meta["references"])}
+
+
+def data_license(template: Path, plan: dict) -> str:
+    """``docs/data_license.txt``: the task and the licence its ``dataset.json`` states."""
+    dataset = Path(plan["task_dir"]) / "dataset.json"
+    stated = read_json(dataset) if dataset.is_file() else {}
+    licence = stated.get("licence") or stated.get("license")
+    terms = (f"Its dataset.json states the licence: {licence}." if licence else
+             "Its dataset.json states no licence: write the data's terms here before sharing the weights.")
+    return fill_text((template / "docs" / "data_license.txt").read_text(),
+                     {"data": f"{plan['name']} (a Medical Segmentation Decathlon-format task)", "data_license": terms},
+                     f"{template}/docs/data_license.txt")
 
 
 def export_bundle(arch_source: str | os.PathLike, work: str | os.PathLike, out: str | os.PathLike,
@@ -227,9 +343,16 @@ def export_msd_bundle(arch: Architecture, arch_source: str | os.PathLike, plan: 
     source = arch_source_name(arch_source)
     settings = task_settings(arch, plan, cfg, out, work, Path(plan["task_dir"]))
     meta = metadata(read_json(template / "configs" / "metadata.json"), arch, plan,
-                    settings["train.yaml"]["patch_size"], source)
+                    settings["train.yaml"]["patch_size"], source, cfg.train.recipe)
+    cases = len(read_json(work / DATALIST_FILE).get("training", []))
+
+    def written(build: Path) -> dict[str, str]:
+        return {"configs/datalist.json": bundle_datalist(work),
+                "configs/inference.json": inference_json((build / "configs" / "inference.yaml").read_text()),
+                "docs/data_license.txt": data_license(template, plan)}
+
     return write_bundle(template, out, {name: settings[name] for name in FILLED_CONFIGS}, COPIED_FILES, meta, arch,
-                        lambda: readme_values(arch, plan, settings, meta, out, source))
+                        lambda: readme_values(arch, plan, settings, meta, source, cases), written)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote bundle {out}: {meta['task']}; patch {image['spatial_shape']}, "
           f"{image['num_channels']} channel(s) → {meta['network_data_format']['outputs']['pred']['num_channels']} "
           "classes")
-    print(f"train:  dints3d train {out}   (or python -m monai.bundle run --config_file {out}/configs/train.yaml)")
+    print(f"train:  dints3d train {out}   (or, in {out}: python -m monai.bundle run --config_file configs/train.yaml)")
     print(f"infer:  dints3d infer {out} --input IMAGES --out PREDICTIONS")
     print(f"docs:   {out / 'docs' / 'README.md'}")
     return 0

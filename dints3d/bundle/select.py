@@ -30,6 +30,7 @@ from scipy.stats import wilcoxon
 
 from dints3d.bundle.crossval import CV_DIR, case_labels, held_folds, work_dir
 from dints3d.bundle.ensemble import Member, write_ensemble
+from dints3d.bundle.export import relocate
 from dints3d.bundle.template import check_target
 from dints3d.evaluation.metrics import read_label_map
 from dints3d.evaluation.postprocess import (
@@ -170,13 +171,15 @@ def choose(candidates: list[Candidate], alpha: float) -> tuple[Candidate, dict[s
     return chosen, {"best": best.name, "p_values_vs_best": p_values, "why": why}
 
 
-def write_final(chosen: Candidate, out: Path, force: bool) -> Path:
+def write_final(chosen: Candidate, out: Path, force: bool, work: Path) -> Path:
     """``out``: a copy of the chosen bundle (the pair's first member, with the second's fold models under
-    ``models/member1/``) whose ``configs/ensemble.yaml`` holds every fold model and the chosen post-processing."""
+    ``models/member1/``) whose ``configs/ensemble.yaml`` holds every fold model and the chosen post-processing, its
+    data (``work`` and its task) named relative to its new place."""
     check_target(out, force)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(chosen.bundles[0], out, ignore=shutil.ignore_patterns("predictions", "logs", "checkpoint_*.pt"))
+    relocate(out, work, Path(read_json(work / "plan.json")["task_dir"]))
     members = []
     for index, bundle in enumerate(chosen.bundles):
         prefix = "models" if index == 0 else f"models/member{index}"
@@ -241,7 +244,7 @@ def select(bundles: list[str | os.PathLike], out: str | os.PathLike, alpha: floa
     pair = pair_candidate(first, second, labels, classes)
     pool = candidates + ([pair] if pair is not None else [])
     chosen, decision = choose(pool, alpha)
-    final = write_final(chosen, Path(out).absolute(), force)
+    final = write_final(chosen, Path(out).absolute(), force, work)
     report = {"version": 1, "alpha": alpha, "chosen": chosen.name, "kind": KINDS[chosen.kind],
               "postprocessing": {"largest_component_labels": chosen.postprocessing}, **decision,
               "pair_scored": pair is not None, "cases": len(cases),

@@ -9,11 +9,14 @@ folder is either complete or absent.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import monai
@@ -35,6 +38,22 @@ def template_dir(name: str) -> Path:
         if (root / name / "configs" / "metadata.json").exists():
             return root / name
     raise DintsError(name, "template bundle not found in the dints3d installation")
+
+
+def template_module(name: str, module: str) -> ModuleType:
+    """``scripts/<module>.py`` of the template bundle ``name``: the code its exported bundles carry in their own
+    ``scripts/`` (torch, MONAI and ignite only), imported once as ``dints3d.bundles.<name>.scripts.<module>`` so that
+    dints3d runs the very code it ships."""
+    package = f"dints3d.bundles.{name}.scripts"
+    if package not in sys.modules:
+        folder = template_dir(name) / "scripts"
+        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        if spec is None or spec.loader is None:
+            raise DintsError(folder, "not a Python package (no __init__.py)")
+        sys.modules[package] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[package])
+    return importlib.import_module(f"{package}.{module}")
 
 
 def versions(required_packages: tuple[str, ...]) -> dict[str, Any]:
@@ -63,8 +82,26 @@ def parameter_count(arch: Architecture, plan: dict, channel_mul: float) -> int:
 
 
 def arch_source_name(arch_source: str | os.PathLike) -> str:
-    """How a bundle names where its architecture came from: the file's absolute path, or the preset's name."""
-    return str(Path(arch_source).resolve()) if Path(arch_source).exists() else os.fspath(arch_source)
+    """How a bundle names where its architecture came from without an absolute path: ``<run folder>/<file>`` for a
+    file (``search-run/arch.json``), or the preset's name."""
+    path = Path(arch_source)
+    if not path.exists():
+        return os.fspath(arch_source)
+    path = path.resolve()
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def bundle_relative(target: str | os.PathLike, bundle: str | os.PathLike) -> str:
+    """``target`` as a bundle config value relative to the bundle root, ``$@bundle_root + '/../task'``, so that the
+    bundle holds no absolute path: right while both stay where they are, overridden (``--dataset_dir``) otherwise.
+    Folders that share nothing below the filesystem root get ``'/../<target name>'``, a placeholder that reveals no
+    path."""
+    target, bundle = Path(target).absolute(), Path(bundle).absolute()
+    if os.path.commonpath([target, bundle]) == target.anchor:
+        relative = f"../{target.name}"
+    else:
+        relative = Path(os.path.relpath(target, bundle)).as_posix()
+    return f"$@bundle_root + '/{relative}'"
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -139,10 +176,12 @@ def swap_into_place(built: Path, out: Path) -> None:
 
 
 def write_bundle(template: Path, out: Path, filled: dict[str, dict[str, Any]], copied: tuple[str, ...], meta: dict,
-                 arch: Architecture, readme: Callable[[], dict[str, str]]) -> Path:
+                 arch: Architecture, readme: Callable[[], dict[str, str]],
+                 written: Callable[[Path], dict[str, str]] | None = None) -> Path:
     """Write the bundle ``out`` from ``template``: each ``configs/<name>`` of ``filled`` with its task settings, the
     ``copied`` files as they are, ``metadata.json``, ``models/arch.json``, ``docs/arch.png`` (if the space draws
-    one) and ``docs/README.md`` with the values ``readme()`` returns. Assembled next to ``out``, then renamed."""
+    one), ``docs/README.md`` with the values ``readme()`` returns, and the files ``written(build)`` returns (path in
+    the bundle → text; ``build`` is the folder being assembled). Assembled next to ``out``, then renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
@@ -159,6 +198,8 @@ def write_bundle(template: Path, out: Path, filled: dict[str, dict[str, Any]], c
             save_figure(figure, build / "docs" / "arch.png")
         write_text(build / "docs" / "README.md",
                    fill_text((template / "docs" / "README.md").read_text(), readme(), f"{template}/docs/README.md"))
+        for name, text in (written(build) if written is not None else {}).items():
+            write_text(build / name, text)
         swap_into_place(build, out)
     finally:
         if build.exists():

@@ -1,8 +1,10 @@
 """``dints3d train``: retrain a bundle's architecture with its ``configs/train.yaml`` (:mod:`dints3d.bundle.runner`).
 
-``dints3d train`` checks before it starts (:func:`preflight_training`): the checkpoint and log folders are writable,
-the disk has room for the checkpoints and the RAM for the data cache, the patch fits the architecture, and a GPU
-asked for with ``--device cuda`` exists. It never overwrites a training: without ``--resume``, a bundle that already
+The bundle names its data relative to itself (``dataset_dir`` in train.yaml, ``work_dir`` in search.yaml, as
+``dints3d export`` found them); ``--work WORK`` points the run at a prepared folder instead (its ``datalist.json``
+and the task folder it names). ``dints3d train`` checks before it starts (:func:`preflight_training`): the task folder
+exists, the checkpoint and log folders are writable, the disk has room for the checkpoints and the RAM for the data
+cache, the patch fits the architecture, and a GPU asked for with ``--device cuda`` exists. It never overwrites a training: without ``--resume``, a bundle that already
 holds checkpoints or a ``model.pt`` is refused; ``--resume`` continues one only if its recorded settings are unchanged
 (train.yaml's ``resume_mode``, see :class:`dints3d.bundle.handlers.ResumeCheck`).
 """
@@ -58,22 +60,53 @@ def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets
     launcher(nproc)
     if device not in TRAIN_DEVICES:
         raise DintsError("--device", f"must be one of {', '.join(TRAIN_DEVICES)}, got '{device}'")
-    args = []
-    if work is not None:
-        if not (Path(work) / "datalist.json").is_file():
-            raise DintsError(work, "no datalist.json here; give the folder written by `dints3d prepare`")
-        args += ["--work_dir", str(Path(work).absolute())]
     settings = train_settings(train_yaml, sets, work)
-    env = {**(env or {}), **preflight_training(bundle, settings, nproc, device)}
+    args = [] if work is None else [item for key in work_settings(settings) for item in (f"--{key}", settings[key])]
+    env = {**(env or {}), **preflight_training(bundle, settings, nproc, device, work)}
     mode = resume_mode(resume, bundle_folder(settings.get("ckpt_dir"), bundle))
     configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
     return bundle_run(bundle, configs, args + ["--resume_mode", mode] + override_args(sets), log, nproc, env)
 
 
+def work_settings(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The train.yaml settings ``--work`` sets: the datalist and the task folder (MSD bundles), or the prepared folder
+    (Cityscapes bundles, whose train.yaml reads ``work_dir``)."""
+    return ("datalist_file", "dataset_dir") if "datalist_file" in config else ("work_dir",)
+
+
+def work_datalist(work: str | os.PathLike) -> Path:
+    """A prepared folder's ``datalist.json`` (absolute), which must exist."""
+    datalist = Path(work).absolute() / "datalist.json"
+    if not datalist.is_file():
+        raise DintsError(work, "no datalist.json here; give the folder written by `dints3d prepare`")
+    return datalist
+
+
+def work_data(work: str | os.PathLike) -> tuple[Path, Path]:
+    """A prepared folder's ``datalist.json`` and the task folder it names (``task_dir``), both absolute."""
+    datalist = work_datalist(work)
+    task_dir = read_json(datalist).get("task_dir")
+    if not isinstance(task_dir, str):
+        raise DintsError(datalist, "names no task_dir; rerun `dints3d prepare`")
+    return datalist, Path(task_dir)
+
+
+def recorded_work(bundle: Path) -> Path | None:
+    """The prepared folder ``dints3d export`` recorded (search.yaml's ``work_dir``, relative to the bundle), if a
+    ``datalist.json`` is there."""
+    path = bundle / "configs" / "search.yaml"
+    try:
+        value = yaml.safe_load(path.read_text()).get("work_dir")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    folder = bundle_folder(value, bundle)
+    return folder if folder is not None and (folder / "datalist.json").is_file() else None
+
+
 def train_settings(train_yaml: Path, sets: list[str] | tuple[str, ...] = (),
                    work: str | os.PathLike | None = None) -> dict[str, Any]:
     """train.yaml's top-level values as written (``$`` expressions unevaluated) with the ``--set`` overrides of
-    top-level ids and ``--work`` applied."""
+    top-level ids and ``--work`` (its datalist and task folder) applied."""
     try:
         config = yaml.safe_load(train_yaml.read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -87,8 +120,11 @@ def train_settings(train_yaml: Path, sets: list[str] | tuple[str, ...] = (),
             raise DintsError("--set", "resume_mode is set by dints3d train (use --resume)")
         if "#" not in key:
             config[key] = value
-    if work is not None:
-        config["work_dir"] = str(Path(work).absolute())
+    if work is not None and "datalist_file" in config:
+        datalist, task_dir = work_data(work)
+        config.update(datalist_file=str(datalist), dataset_dir=str(task_dir))
+    elif work is not None:
+        config["work_dir"] = str(work_datalist(work).parent)
     return config
 
 
@@ -115,13 +151,18 @@ CHECKPOINT_BYTES_PER_PARAMETER, MODEL_BYTES_PER_PARAMETER = 8, 4
 CHECKPOINTS_AT_ONCE, MODELS_AT_ONCE = 3, 2
 
 
-def preflight_training(bundle: Path, settings: Mapping[str, Any], nproc: int = 1, device: str = "auto"
-                       ) -> dict[str, str]:
-    """Checks before a bundle training starts, each failing with one line (:class:`DintsError`): the device, writable
-    ``ckpt_dir`` and ``output_dir``, the patch against the architecture, free disk for the checkpoints and free RAM
-    for the data cache. Values that are ``$`` expressions are left to the bundle run. Returns environment variables
-    for the run (``CUDA_VISIBLE_DEVICES=""`` hides the GPUs from a ``--device cpu`` run)."""
+def preflight_training(bundle: Path, settings: Mapping[str, Any], nproc: int = 1, device: str = "auto",
+                       work: str | os.PathLike | None = None) -> dict[str, str]:
+    """Checks before a bundle training starts, each failing with one line (:class:`DintsError`): the device, the task
+    folder (``dataset_dir``), writable ``ckpt_dir`` and ``output_dir``, the patch against the architecture, free disk
+    for the checkpoints and free RAM for the data cache (sized from ``work``'s plan, else the recorded prepared
+    folder's). Values that are other ``$`` expressions are left to the bundle run. Returns environment variables for
+    the run (``CUDA_VISIBLE_DEVICES=""`` hides the GPUs from a ``--device cpu`` run)."""
     env = _check_device(device, nproc)
+    task = bundle_folder(settings.get("dataset_dir"), bundle)
+    if task is not None and not task.is_dir():
+        raise DintsError(task, "dataset_dir: no such folder (the bundle names the task relative to itself); give "
+                         "--work WORK, the folder written by `dints3d prepare`, or --set dataset_dir=TASK")
     for key in ("ckpt_dir", "output_dir"):
         folder = bundle_folder(settings.get(key), bundle)
         if folder is not None:
@@ -133,7 +174,7 @@ def preflight_training(bundle: Path, settings: Mapping[str, Any], nproc: int = 1
             * parameters - sum(p.stat().st_size for p in training_state_files(ckpt_dir))
         check_free_disk(ckpt_dir, needed, purpose=f"the checkpoints of a {parameters / 1e6:.1f} M-parameter network",
                         advice="free space, or --set ckpt_dir=FOLDER on another disk")
-    _check_cache_memory(settings)
+    _check_cache_memory(settings, Path(work) if work is not None else recorded_work(bundle))
     return env
 
 
@@ -186,12 +227,12 @@ def available_memory() -> int | None:
         return None
 
 
-def _check_cache_memory(settings: Mapping[str, Any]) -> None:
+def _check_cache_memory(settings: Mapping[str, Any], work: Path | None) -> None:
     """The bundle caches the preprocessed training and validation cases in RAM (``CacheDataset``, ``cache_rate`` of
-    them): refuse a cache that cannot fit, suggesting a ``cache_rate`` that does."""
-    rate, fold, work = settings.get("cache_rate"), settings.get("fold"), settings.get("work_dir")
-    if not _plain_number(rate) or rate <= 0 or not _plain_number(fold) or not isinstance(work, str) \
-            or work.startswith("$"):
+    them): refuse a cache that cannot fit, suggesting a ``cache_rate`` that does (the case size from ``work``'s
+    plan)."""
+    rate, fold = settings.get("cache_rate"), settings.get("fold")
+    if not _plain_number(rate) or rate <= 0 or not _plain_number(fold) or work is None:
         return
     try:
         plan, datalist = read_json(Path(work) / "plan.json"), read_json(Path(work) / "datalist.json")

@@ -3,7 +3,7 @@ plan's; every side a positive multiple of the network's divisor."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 #: what every side must be a multiple of: one number, or one per axis (a U-Net that downsamples some axes less)
 Divisor = int | Sequence[int]
@@ -40,14 +40,19 @@ def check_patch_sides(patch: Any, dims: int, divisor: Divisor, key: str, what: s
 
 
 def resolve_patch(plan: Mapping, divisor: Divisor, what: str, *requested: tuple[str, Sequence[int] | None],
-                  dims: int | None = None) -> list[int]:
+                  dims: int | None = None, note: Callable[[str], Any] | None = print) -> list[int]:
     """The first of the ``requested`` ``(key, patch)`` settings that is set (e.g. ``("train.patch_size", …)``,
     ``("data.patch_size", …)``), else the plan's patch when it has ``dims`` sides (default: the plan's own), checked
-    by :func:`check_patch_sides`."""
+    by :func:`check_patch_sides`. A setting that differs from the plan's patch is said in one line to ``note``
+    (``None``: silently, e.g. on all but one process)."""
     dims = dims or len(plan["patch_size"])
+    planned = [int(p) for p in plan["patch_size"]] if len(plan["patch_size"]) == dims else None
     for key, patch in requested:
         if patch:
-            return check_patch_sides(patch, dims, divisor, key, what)
+            chosen = check_patch_sides(patch, dims, divisor, key, what)
+            if note is not None and planned is not None and chosen != planned:
+                note(f"note: patch {chosen} from {key}, not the plan's {planned} (plan.json: what `dints3d prepare` "
+                     "chose for the task)")
+            return chosen
     key = requested[-1][0] if requested else "plan.patch_size"
-    patch = plan["patch_size"] if len(plan["patch_size"]) == dims else None
-    return check_patch_sides(patch, dims, divisor, key, what)
+    return check_patch_sides(planned, dims, divisor, key, what)

@@ -88,7 +88,7 @@ class SearchRun:
         self.space.to(runtime.device)
         runtime.broadcast_parameters(self.space)
         self.patch = resolve_patch(self.plan, self.space.patch_divisor, f"the {cfg.space} space",
-                                   ("data.patch_size", cfg.data.patch_size))
+                                   ("data.patch_size", cfg.data.patch_size), note=print if runtime.is_main else None)
         self.budget = self._apply_memory_budget()
         if cfg.data.cache_dir is not None and runtime.is_main:
             cases = len(load_items(self.work, "training"))

@@ -25,7 +25,7 @@ FAST = ("sw_overlap=0.25",)
 
 def test_two_process_training_partitions_the_cases_and_saves_once(bundle, tmp_path):
     log = tmp_path / "train.log"
-    assert train(bundle, sets=FAST + ("num_iterations=4", "val_interval=2"), log=log, nproc=2) == 0, \
+    assert train(bundle, sets=FAST + ("num_iterations=4", "epoch_length=2"), log=log, nproc=2) == 0, \
         log.read_text()[-3000:]
     text = log.read_text()
     # 2 training cases: one per process (partition_dataset), each process's epochs seeded with its rank

@@ -28,24 +28,24 @@ def bundle(bundle) -> Path:
     return bundle
 
 
-def monai_bundle(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, env=env,
-                          check=False)
+def monai_bundle(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ARGS`` in the bundle's folder, as the model zoo runs bundles (bundle_root ".")."""
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, check=False,
+                          cwd=bundle)
 
 
 def test_verify_net_in_out(bundle):
-    configs = bundle / "configs"
-    done = monai_bundle("verify_net_in_out", "network_def", "--meta_file", str(configs / "metadata.json"),
-                        "--config_file", str(configs / "inference.yaml"))
+    done = monai_bundle(bundle, "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                        "--config_file", "configs/inference.yaml")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "verified with no error" in done.stdout + done.stderr
 
 
 def test_ckpt_export_torchscript_equals_eager(bundle):
-    configs, models = bundle / "configs", bundle / "models"
-    done = monai_bundle("ckpt_export", "network_def", "--filepath", str(models / "model.ts"), "--ckpt_file",
-                        str(models / "model.pt"), "--meta_file", str(configs / "metadata.json"), "--config_file",
-                        str(configs / "inference.yaml"))
+    models = bundle / "models"
+    done = monai_bundle(bundle, "ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file",
+                        "models/model.pt", "--meta_file", "configs/metadata.json", "--config_file",
+                        "configs/inference.yaml")
     assert done.returncode == 0, done.stderr[-2000:]
     scripted = torch.jit.load(str(models / "model.ts"))
     eager = parse(bundle, "inference.yaml").get_parsed_content("network_def")
@@ -64,8 +64,8 @@ def test_inference_runs_without_dints3d(bundle, tmp_path):
     assert probe.returncode != 0 and "must not be needed" in probe.stderr
     images = bundle.parent / "task" / "imagesTs"
     done = subprocess.run([sys.executable, "-c", BLOCK_DINTS3D, "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "inference.yaml"), "--dataset_dir", str(images), "--output_dir",
-                           str(tmp_path / "out")], capture_output=True, text=True, check=False)
+                           "configs/inference.yaml", "--dataset_dir", str(images), "--output_dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, check=False, cwd=bundle)
     assert done.returncode == 0, done.stderr[-3000:]
     inputs = sorted(images.glob("*.nii.gz"))
     assert len(inputs) == 2
@@ -87,8 +87,9 @@ def test_inference_on_a_list_of_files(bundle, tmp_path):
     chosen = [sorted((task / "imagesTs").glob("*.nii.gz"))[1], sorted((task / "imagesTr").glob("*.nii.gz"))[2]]
     expected = sorted(path.name.replace(".nii.gz", "_seg.nii.gz") for path in chosen)
     done = subprocess.run([sys.executable, "-c", BLOCK_DINTS3D, "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "inference.yaml"), "--datalist", repr([str(p) for p in chosen]),
-                           "--output_dir", str(tmp_path / "monai")], capture_output=True, text=True, check=False)
+                           "configs/inference.yaml", "--datalist", repr([str(p) for p in chosen]),
+                           "--output_dir", str(tmp_path / "monai")], capture_output=True, text=True, check=False,
+                          cwd=bundle)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "monai").iterdir()) == expected
 
@@ -103,11 +104,10 @@ def test_inference_on_a_list_of_files(bundle, tmp_path):
 
 
 def test_evaluation_runs_without_dints3d(bundle):
-    """evaluate.yaml on top of train.yaml uses none of train.yaml's dints3d handlers (only training needs dints3d)."""
-    configs = bundle / "configs"
+    """evaluate.yaml on top of train.yaml: MONAI alone (not even the bundle's training handlers)."""
     done = subprocess.run([sys.executable, "-c", BLOCK_DINTS3D, "monai.bundle", "run", "--config_file",
-                           str([str(configs / "train.yaml"), str(configs / "evaluate.yaml")]), "--sw_overlap", "0.25"],
-                          capture_output=True, text=True, check=False)
+                           "['configs/train.yaml', 'configs/evaluate.yaml']", "--sw_overlap", "0.25"],
+                          capture_output=True, text=True, check=False, cwd=bundle)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (bundle / "eval" / "metrics.csv").read_text().startswith("val_mean_dice")
 

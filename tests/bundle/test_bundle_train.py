@@ -50,10 +50,10 @@ def test_train_writes_model_and_resumes(bundle, tmp_path):
     resumed = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)
     assert resumed["trainer"]["iteration"] == 3 and resumed["lr_scheduler"]["last_epoch"] == 3
 
-    configs = bundle / "configs"
+    # from the bundle's folder, as the model zoo runs bundles (bundle_root ".")
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           str([str(configs / "train.yaml"), str(configs / "evaluate.yaml")]), "--sw_overlap", "0.25"],
-                          capture_output=True, text=True, check=False)
+                           "['configs/train.yaml', 'configs/evaluate.yaml']", "--sw_overlap", "0.25"],
+                          capture_output=True, text=True, check=False, cwd=bundle)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (bundle / "eval" / "metrics.csv").read_text().startswith("val_mean_dice")
 
@@ -61,6 +61,12 @@ def test_train_writes_model_and_resumes(bundle, tmp_path):
 def test_train_checks_the_work_folder(bundle, tmp_path, capsys):
     assert main(["train", str(bundle), "--work", str(tmp_path)]) == 2
     assert f"error: {tmp_path}: no datalist.json here" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    shutil.copytree(bundle, moved)  # away from its task: the relative dataset_dir names no folder
+    assert main(["train", str(moved)]) == 2
+    assert capsys.readouterr().err == (f"error: {moved / '..' / 'task'}: dataset_dir: no such folder (the bundle names "
+                                       "the task relative to itself); give --work WORK, the folder written by "
+                                       "`dints3d prepare`, or --set dataset_dir=TASK\n")
     assert main(["train", str(tmp_path)]) == 2
     assert "not a bundle with configs/train.yaml" in capsys.readouterr().err
 
@@ -74,11 +80,11 @@ def test_override_values_are_yaml():
 def test_search_config_replaces_the_architecture(make_bundle, tmp_path):
     bundle = make_bundle(tmp_path)
     before = (bundle / "models" / "arch.json").read_text()
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "search.yaml"), *override_args([
-                               "search_settings#search#iterations=2", "search_settings#search#val_interval=2",
-                               "search_settings#data#num_samples=1"])],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/search.yaml",
+                           *override_args(["search_settings#search#iterations=2",
+                                           "search_settings#search#val_interval=2",
+                                           "search_settings#data#num_samples=1"])],
+                          capture_output=True, text=True, check=False, cwd=bundle)
     assert done.returncode == 0, done.stderr[-3000:]
     searched = load_architecture(bundle / "models" / "arch.json")
     assert searched.num_blocks == 4 and searched.provenance["iteration"] == 2  # the demo config's search space
@@ -148,21 +154,30 @@ def test_device_and_resume_reach_the_bundle_run(fresh, monkeypatch, capsys):
     (fresh / "models" / "checkpoint_epoch=1.pt").write_bytes(b"checked by the bundle run")
     assert main(["train", str(fresh), "--resume", "auto"]) == 0
     assert main(["train", str(fresh), "--resume"]) == 0
+    work = fresh.parent / "work"
+    assert main(["train", str(fresh), "--resume", "--work", str(work)]) == 0
     modes = [cmd[cmd.index("--resume_mode") + 1] for cmd, _ in runs]
-    assert modes == ["never", "never", "same_settings", "same_settings"]
+    assert modes == ["never", "never", "same_settings", "same_settings", "same_settings"]
+    # --work: the prepared folder's datalist and the task it names, instead of the bundle's own copy
+    with_work = runs[-1][0]
+    assert with_work[with_work.index("--datalist_file") + 1] == str(work / "datalist.json")
+    assert with_work[with_work.index("--dataset_dir") + 1] == str(fresh.parent / "task")
+    assert "--datalist_file" not in runs[0][0] and "--dataset_dir" not in runs[0][0]
     assert runs[0][1]["CUDA_VISIBLE_DEVICES"] == "" and runs[1][1] is None
     assert "running: CUDA_VISIBLE_DEVICES='' python -m monai.bundle run" in capsys.readouterr().out
 
 
 def test_a_bundle_exported_before_the_layout_change_is_refused_with_one_line(fresh, tmp_path, capsys):
-    """Bundles name dints3d's handlers by module path; one exported by a dints3d whose modules were elsewhere
-    (``dints3d.training`` before ``dints3d.bundle.handlers``) is refused before the bundle run, not deep in MONAI's
-    config parser, and the user is told to export again. Its MONAI-only inference is unaffected."""
+    """Older bundles named dints3d's handlers by module path; one exported by a dints3d whose modules were elsewhere
+    (``dints3d.training`` before ``dints3d.bundle.handlers``; today's bundles carry them in scripts/) is refused
+    before the bundle run, not deep in MONAI's config parser, and the user is told to export again."""
     old = tmp_path / "old"
     shutil.copytree(fresh, old)
     train_yaml = old / "configs" / "train.yaml"
-    train_yaml.write_text(train_yaml.read_text().replace("dints3d.bundle.handlers.", "dints3d.training."))
-    assert main(["train", str(old)]) == 2
+    text = train_yaml.read_text()
+    assert "dints3d." not in text
+    train_yaml.write_text(text.replace("scripts.checkpoints.RunSettings", "dints3d.training.RunSettings"))
+    assert main(["train", str(old), "--work", str(fresh.parent / "work")]) == 2
     err = _error(capsys)
     assert err.startswith(f"error: {train_yaml}: names dints3d.training.") and "export it again" in err
     assert not (old / "models" / "model.pt").exists()

@@ -47,8 +47,8 @@ def test_baselines_export_train_and_infer_with_monai_alone(work, arch, tmp_path,
     assert main(["train", str(bundle), "--set", *FAST]) == 0
     images = Path(json.loads((work / "plan.json").read_text())["task_dir"]) / "imagesTs"
     done = subprocess.run([sys.executable, "-c", BLOCK_DINTS3D, "monai.bundle", "run", "--config_file",
-                           str(bundle / "configs" / "inference.yaml"), "--dataset_dir", str(images), "--output_dir",
-                           str(tmp_path / "out")], capture_output=True, text=True, check=False)
+                           "configs/inference.yaml", "--dataset_dir", str(images), "--output_dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, check=False, cwd=bundle)
     assert done.returncode == 0, done.stderr[-3000:]
     (image,) = sorted(images.glob("*.nii.gz"))
     mask = nib.load(tmp_path / "out" / image.name.replace(".nii.gz", "_seg.nii.gz"))

@@ -1,6 +1,6 @@
 """Faults during a bundle's training (configs/train.yaml): SIGKILL at three points then exact resume (through
 `python -m monai.bundle run` and `dints3d train [--resume]`), corrupt checkpoints, NaN/Inf batches or losses, and CUDA
-out-of-memory errors (dints3d/bundle/handlers.py)."""
+out-of-memory errors (the bundle's scripts/: checkpoints.py, reliability.py, memory.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from dints3d.bundle import runner
+from dints3d.bundle.export import relocate
 from dints3d.bundle.handlers import (
     NonFiniteGuard,
     OutOfMemoryReport,
@@ -31,7 +32,7 @@ from dints3d.cost.memory import meta_network, predict_training_memory
 from dints3d.spaces.factory import load_architecture
 
 #: 3 epochs of 2 iterations: a checkpoint_epoch=N.pt and a validation after each
-RUN = ["num_iterations=6", "val_interval=2", "sw_overlap=0.25"]
+RUN = ["num_iterations=6", "epoch_length=2", "sw_overlap=0.25"]
 
 # Runs `monai.bundle run` with a fault injected from outside the product code: the process SIGKILLs itself
 #   write NAME K  -- half-way through the K-th torch.save whose target file name contains NAME
@@ -77,7 +78,9 @@ def template(bundle) -> Path:
 
 
 def _copy(template: Path, dest: Path) -> Path:
+    """A copy of the bundle, pointed at its task and WORK folders from its new place (as `dints3d select` does)."""
     shutil.copytree(template, dest)
+    relocate(dest, template.parent / "work", template.parent / "task")
     return dest
 
 
@@ -192,7 +195,7 @@ def test_garbled_checkpoints_stop_with_one_line_naming_the_file(tmp_path):
 def _parser(bundle: Path, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.yaml"))
-    settings = {"bundle_root": str(bundle), "num_iterations": 4, "val_interval": 2, "sw_overlap": 0.25, **overrides}
+    settings = {"bundle_root": str(bundle), "num_iterations": 4, "epoch_length": 2, "sw_overlap": 0.25, **overrides}
     for key, value in settings.items():
         parser[key] = value
     parser.get_parsed_content("initialize")
@@ -241,7 +244,7 @@ def test_nonfinite_batch_and_loss_skip_the_step_without_touching_weights(templat
     bundle = _copy(template, tmp_path / "bundle")
     parser = _parser(bundle, max_nonfinite_steps=3)
     snapshots = _poison(parser, bad_batches={2}, bad_losses={3})
-    with caplog.at_level("WARNING", logger="dints3d.bundle.handlers"):
+    with caplog.at_level("WARNING", logger="scripts"):
         parser.get_parsed_content("run")
     assert not _unchanged(snapshots, 1) and not _unchanged(snapshots, 4)
     assert _unchanged(snapshots, 2) and _unchanged(snapshots, 3)
@@ -279,7 +282,7 @@ def test_with_an_active_grad_scaler_the_scaler_skips_the_step(template, tmp_path
     """The fp16 path (GradScaler on CUDA), run on CPU with torch's CPU GradScaler: the guard leaves the non-finite
     loss in place and the scaler refuses the step."""
     bundle = _copy(template, tmp_path / "bundle")
-    parser = _parser(bundle, amp=True, num_iterations=2)
+    parser = _parser(bundle, use_amp=True, num_iterations=2)  # `amp` itself applies on CUDA only
     snapshots = _poison(parser, bad_losses={2})
     trainer = parser.get_parsed_content("train#trainer")
     scalers = []
