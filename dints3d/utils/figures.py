@@ -9,7 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from dints3d.utils.io import write_atomic
+from dints3d.utils.io import write_stream
 
 
 def new_figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, dpi: int = 110,
@@ -21,5 +21,5 @@ def new_figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, dpi
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write a PNG atomically."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_stream(path, lambda f: fig.savefig(f, format="png"))
     return Path(path)
