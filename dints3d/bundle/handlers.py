@@ -53,8 +53,8 @@ from monai.utils.enums import CommonKeys
 from dints3d.cost.memory import meta_network, predict_training_memory
 from dints3d.data.patch import per_axis
 from dints3d.spaces.factory import load_architecture
+from dints3d.utils.checkpoint import write_torch
 from dints3d.utils.errors import DintsError
-from dints3d.utils.io import atomic_path
 from dints3d.utils.preflight import remove_stale_temporaries
 from dints3d.utils.resume_settings import changed_settings, split_changes
 
@@ -89,8 +89,10 @@ class AtomicDiskSaver(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if _rank() != 0:
             return
-        with atomic_path(self.dirname / (self.filename or filename)) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            write_torch(self.dirname / (self.filename or filename), checkpoint)
+        except DintsError as e:  # a full disk: one line (the bundle run would print a traceback)
+            raise _exit(e) from None
 
     def remove(self, filename: str) -> None:
         # ignite removes the file a save replaces before writing it; a fixed name (model.pt) is replaced by the atomic

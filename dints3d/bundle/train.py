@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,16 +22,22 @@ from dints3d.bundle.handlers import refuse_existing_training, training_state_fil
 from dints3d.bundle.runner import (
     bundle_folder,
     bundle_run,
+    check_sets,
     config_file,
     launcher,
     override_args,
     parse_set,
 )
 from dints3d.cost.memory import meta_network
+from dints3d.data.datalist import read_datalist, read_datalist_file
+from dints3d.data.dataset import check_items
+from dints3d.data.fingerprint import read_plan
 from dints3d.data.patch import check_patch_sides
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json
+from dints3d.utils.lock import locked_folder
+from dints3d.utils.outputs import check_output_folder
 from dints3d.utils.preflight import check_free_disk, check_writable, estimate_cache_bytes
 
 #: ``dints3d train --device`` choices
@@ -54,16 +61,26 @@ def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets
     launcher(nproc)
     if device not in TRAIN_DEVICES:
         raise DintsError("--device", f"must be one of {', '.join(TRAIN_DEVICES)}, got '{device}'")
+    configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
+    check_sets(bundle, configs, sets)
     args = []
     if work is not None:
-        if not (Path(work) / "datalist.json").is_file():
+        work = Path(work).absolute()
+        if not (work / "datalist.json").is_file():
             raise DintsError(work, "no datalist.json here; give the folder written by `dints3d prepare`")
-        args += ["--work_dir", str(Path(work).absolute())]
+        args += ["--work_dir", str(work)]
+        if not any(parse_set(text)[0] == "dataset_dir" for text in sets):  # the images of WORK's task
+            args += ["--dataset_dir", str(read_datalist_file(work)["task_dir"])]
     settings = train_settings(train_yaml, sets, work)
+    if work is not None:
+        check_task_matches(bundle, settings, work)
     env = {**(env or {}), **preflight_training(bundle, settings, nproc, device)}
-    mode = resume_mode(resume, bundle_folder(settings.get("ckpt_dir"), bundle))
-    configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
-    return bundle_run(bundle, configs, args + ["--resume_mode", mode] + override_args(sets), log, nproc, env)
+    ckpt_dir = bundle_folder(settings.get("ckpt_dir"), bundle)
+    # one training per checkpoint folder; the bundle run inherits the lock, so the folder stays locked until it ends
+    with locked_folder(ckpt_dir or bundle) as lock:
+        mode = resume_mode(resume, ckpt_dir)
+        return bundle_run(bundle, configs, args + ["--resume_mode", mode] + override_args(sets), log, nproc, env,
+                          keep_fds=(lock.fd,))
 
 
 def train_settings(train_yaml: Path, sets: list[str] | tuple[str, ...] = (),
@@ -85,7 +102,25 @@ def train_settings(train_yaml: Path, sets: list[str] | tuple[str, ...] = (),
             config[key] = value
     if work is not None:
         config["work_dir"] = str(Path(work).absolute())
+        if not any(parse_set(text)[0] == "dataset_dir" for text in sets):
+            config["dataset_dir"] = str(read_datalist_file(work)["task_dir"])
     return config
+
+
+def check_task_matches(bundle: Path, settings: Mapping[str, Any], work: Path) -> None:
+    """Refuse a ``--work`` prepared for a task the bundle's network cannot take (other channel or class counts); say
+    so when it is another task whose preprocessing differs (the bundle's own is used)."""
+    plan = read_plan(work)
+    wanted = {key: settings.get(key) for key in ("in_channels", "out_channels")}
+    got = {key: plan.get(key) for key in wanted}
+    if all(_plain_number(v) for v in wanted.values()) and got != wanted:
+        raise DintsError(work, f"is prepared for {got['in_channels']} channel(s) and {got['out_channels']} classes "
+                         f"({plan.get('name')}), but the bundle's network takes {wanted['in_channels']} and "
+                         f"{wanted['out_channels']}: export a bundle for this task (dints3d export --work {work})")
+    spacing = settings.get("target_spacing")
+    if isinstance(spacing, list) and [float(v) for v in plan.get("target_spacing", [])] != [float(v) for v in spacing]:
+        print(f"warning: {work} ({plan.get('name')}) has target spacing {plan.get('target_spacing')}; the bundle "
+              f"resamples to {spacing} and normalizes as it was exported", file=sys.stderr, flush=True)
 
 
 def resume_mode(resume: bool | str, ckpt_dir: Path | None) -> str:
@@ -121,7 +156,9 @@ def preflight_training(bundle: Path, settings: Mapping[str, Any], nproc: int = 1
     for key in ("ckpt_dir", "output_dir"):
         folder = bundle_folder(settings.get(key), bundle)
         if folder is not None:
+            check_output_folder(folder)
             check_writable(folder)
+    _check_cases(settings)
     parameters = _parameter_count(bundle, settings)
     ckpt_dir = bundle_folder(settings.get("ckpt_dir"), bundle)
     if ckpt_dir is not None and parameters is not None:
@@ -180,6 +217,21 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def _check_cases(settings: Mapping[str, Any]) -> None:
+    """The cases the training reads (``fold``'s training and validation lists of ``work_dir``'s datalist, relative to
+    ``dataset_dir``) exist and have the channels the network takes (:func:`~dints3d.data.dataset.check_items`)."""
+    work, base, fold = settings.get("work_dir"), settings.get("dataset_dir"), settings.get("fold")
+    channels = settings.get("in_channels")
+    if not all(isinstance(v, str) and not v.startswith("$") for v in (work, base)) or not _plain_number(fold) \
+            or not _plain_number(channels):
+        return  # expressions: the bundle run evaluates them
+    items = [item for part in ("train", "validation")
+             for item in read_datalist(work, f"fold{int(fold)}_{part}", base)]
+    check_items(items, int(channels), Path(work) / "plan.json",
+                f"the task folder moved since `dints3d prepare`; pass its new location with --set dataset_dir=FOLDER "
+                "(or prepare it again and export the bundle again)")
 
 
 def _check_cache_memory(settings: Mapping[str, Any]) -> None:
