@@ -37,7 +37,7 @@ from dints3d.spaces.base import Architecture
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json
-from dints3d.utils.lock import locked_folder
+from dints3d.utils.lock import locked_folder, never
 from dints3d.utils.outputs import check_output_folder
 
 TEMPLATE = "dints_msd"
@@ -214,7 +214,7 @@ def export_bundle(arch_source: str | os.PathLike, work: str | os.PathLike, out: 
     check_target(out, force)
     plan = load_plan(work, cfg.plan)
     arch = load_architecture(arch_source, plan, cfg.train.deep_supervision)
-    with locked_folder(out):  # one export (or training) at a time; a folder this export created goes if it fails
+    with locked_folder(out, keep=never):  # one export at a time; a folder this export created goes if it fails
         check_target(out, force)
         return plan_format(plan).stage("export")(arch, arch_source, plan, work, out, cfg)
 

@@ -33,7 +33,7 @@ from dints3d.data.msd import load_image, load_label, read_task
 from dints3d.spaces.dints.topology import patch_divisor
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import write_texts_together
-from dints3d.utils.lock import locked_folder
+from dints3d.utils.lock import locked_folder, never
 from dints3d.utils.outputs import check_output_folder
 
 
@@ -67,7 +67,8 @@ def prepare(task_dir: str | os.PathLike, work_dir: str | os.PathLike, folds: int
     cfg = config or Config()
     work = Path(work_dir)
     check_output_folder(work)
-    with locked_folder(work):  # one process at a time; a WORK folder this run created is removed if it fails
+    # one process at a time; a WORK folder this run created is removed if it fails (its files land all at once)
+    with locked_folder(work, keep=never):
         return folder_format(task_dir).prepare(task_dir, work, folds, seed, cfg, config_source, progress)
 
 

@@ -23,7 +23,7 @@ from scipy.ndimage import gaussian_filter
 from dints3d.data.formats import DEFAULT_FORMAT, FORMATS, format_named
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import write_bytes, write_json
-from dints3d.utils.lock import locked_folder
+from dints3d.utils.lock import locked_folder, never
 from dints3d.utils.outputs import check_output_folder
 
 MRI_NAMES = ("T2", "ADC", "T1", "FLAIR", "T1Gd", "DWI")
@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     # each format's writer takes out, cases, test_cases, seed and those other options that apply to it
     fmt = format_named(args.format)
     check_output_folder(args.out)
-    with locked_folder(args.out):  # one writer; a failed run leaves no half-written task behind
+    with locked_folder(args.out, keep=never):  # one writer; a failed run leaves no half-written task behind
         out = fmt.stage("synthesize")(args.out, cases=args.cases, test_cases=args.test_cases, seed=args.seed,
                                       **options)
     print(f"wrote {args.cases} {fmt.labelled_cases} and {args.test_cases} test cases to {out}")

@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
         raise DintsError("random-search", "runs in one process (start it without torchrun)")
     out = Path(args.out)
     check_output_folder(out)
-    # one process per run folder; a folder this run created goes again if it fails before its first trial is kept
-    with locked_folder(out, keep=lambda folder: (folder / "random_search.json").exists()):
+    # one process per run folder; a folder this run created goes again if it fails before writing anything
+    with locked_folder(out):
         if space == "dpc":
             search, _ = dpc_search(cfg, args.work, out, runtime, args.resume)
         else:

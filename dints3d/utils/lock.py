@@ -8,7 +8,8 @@ folder is refused in one line naming the process that holds it. A child process 
 ``monai.bundle run`` of ``dints3d train``) inherits the lock, so the folder stays locked until the child is gone too.
 
 Locks are re-entrant within a process (a pipeline locks its run folder, then a stage locks it again), and a folder
-that a failed command created is removed again unless it holds state worth keeping (:func:`locked_folder`).
+that a failed command created (or found empty) is removed again unless it holds something worth keeping: by default
+any file (a training's checkpoints, masks already written), for a search only a checkpoint (:func:`locked_folder`).
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def lock_folder(folder: str | os.PathLike) -> FolderLock:
 @contextlib.contextmanager
 def locked_folder(folder: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> Iterator[FolderLock]:
     """Hold :func:`lock_folder` for the block. When the block fails and the folder was absent or empty before, what
-    the block wrote there is removed (the folder too, if this created it) unless ``keep(folder)`` says it holds state
-    to resume from; a folder that held something before is left as the block left it."""
+    the block wrote there is removed (the folder too, if this created it) unless ``keep(folder)`` says it holds
+    something worth keeping (default :func:`holds_files`: any file); a folder that held something before is left as
+    the block left it."""
     lock = lock_folder(folder)
     try:
         yield lock
@@ -106,14 +108,25 @@ def locked_folder(folder: str | os.PathLike, keep: Callable[[Path], bool] | None
         lock.release()
 
 
+def holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds a file anywhere below it (empty sub-folders do not count)."""
+    return any(not p.is_dir() for p in folder.rglob("*"))
+
+
+def never(folder: Path) -> bool:
+    """Nothing a failed run of this command leaves is worth keeping (its real outputs land all at once)."""
+    return False
+
+
 def discard_if_new(lock: FolderLock, keep: Callable[[Path], bool] | None = None) -> None:
-    """After a failure: empty ``lock.folder`` when it was absent or empty before and holds nothing ``keep`` wants
-    kept, and remove the folders the lock created (``lock.folder`` up to ``lock.created``). Only the outermost holder
-    in this process does it."""
+    """After a failure: empty ``lock.folder`` when it was absent or empty before and holds nothing ``keep`` (default
+    :func:`holds_files`) wants kept, and remove the folders the lock created (``lock.folder`` up to
+    ``lock.created``). Only the outermost holder in this process does it."""
+    keep = holds_files if keep is None else keep
     with _GUARD:
         entry = _HELD.get(lock.key)
         outermost = entry is not None and entry[1] == 1 and not lock.released
-    if not outermost or not lock.was_empty or not lock.folder.is_dir() or (keep is not None and keep(lock.folder)):
+    if not outermost or not lock.was_empty or not lock.folder.is_dir() or keep(lock.folder):
         return
     with contextlib.suppress(OSError):
         for child in list(lock.folder.iterdir()):

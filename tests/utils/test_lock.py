@@ -4,6 +4,7 @@ the lock goes with the process however it ends; a folder a failed command create
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from support import HOLD_LOCK, lock_held_elsewhere
 
 from dints3d.utils.errors import DintsError
-from dints3d.utils.lock import lock_folder, locked_folder
+from dints3d.utils.lock import lock_folder, locked_folder, never
 
 
 def test_a_second_process_is_refused_naming_the_holder(tmp_path):
@@ -50,18 +51,34 @@ def test_a_failed_block_removes_what_it_created_unless_there_is_state_to_keep(tm
     folder = tmp_path / "a" / "b" / "run"
     with pytest.raises(RuntimeError), locked_folder(folder):
         (folder / "checkpoints").mkdir()
-        (folder / "config.yaml").write_text("x")
-        raise RuntimeError("failed before any checkpoint")
+        raise RuntimeError("failed before writing anything")
+    assert not (tmp_path / "a").exists()  # the folders above it that it created too
+
+    with pytest.raises(RuntimeError), locked_folder(folder, keep=never):
+        (folder / "imagesTr").mkdir()
+        (folder / "imagesTr" / "half.nii.gz").write_text("x")
+        raise RuntimeError("a command whose outputs land at once (synth, prepare, export): nothing worth keeping")
     assert not (tmp_path / "a").exists()
 
-    with pytest.raises(RuntimeError), locked_folder(folder, keep=lambda f: (f / "last.pt").exists()):
+    with pytest.raises(KeyboardInterrupt), locked_folder(folder):
+        (folder / "checkpoint_epoch=1.pt").write_text("hours of training")
+        raise KeyboardInterrupt  # by default any file is worth keeping (checkpoints, masks already written)
+    assert (folder / "checkpoint_epoch=1.pt").read_text() == "hours of training"
+    shutil.rmtree(tmp_path / "a")
+
+    keep = (lambda f: (f / "last.pt").exists())  # a search: only a checkpoint is worth keeping
+    with pytest.raises(RuntimeError), locked_folder(folder, keep=keep):
+        (folder / "config.yaml").write_text("x")
+        raise RuntimeError("failed before the first checkpoint")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(RuntimeError), locked_folder(folder, keep=keep):
         (folder / "last.pt").write_text("state")
         raise RuntimeError("failed after a checkpoint")
     assert (folder / "last.pt").read_text() == "state"
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
-    with pytest.raises(RuntimeError), locked_folder(tmp_path / "mine"):
+    with pytest.raises(RuntimeError), locked_folder(tmp_path / "mine", keep=never):
         (tmp_path / "mine" / "new.txt").write_text("y")
         raise RuntimeError("a folder that held something is left as the block left it")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["new.txt", "notes.txt"]
