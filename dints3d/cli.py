@@ -1,7 +1,8 @@
 """The ``dints3d`` command. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their subcommand runs, so ``dints3d --help`` is instant.
 
-User errors (:class:`~dints3d.utils.errors.DintsError`) print one line ``error: <file>: <problem>`` and exit 2.
+User errors (:class:`~dints3d.utils.errors.DintsError`) print one line ``error: <file>: <problem>`` and exit 2; so
+does an ``OSError`` no check foresaw (the path and the system's reason, :mod:`dints3d.utils.outputs`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 from dints3d import __version__
 from dints3d.utils.errors import DintsError
+from dints3d.utils.outputs import describe_os_error
 
 #: subcommand → (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(runner(args) or 0)
     except DintsError as e:
         print(f"error: {e.line()}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file-system failure no check foresaw: still one line naming the path
+        where = e.filename if e.filename is not None else args.command
+        print(f"error: {DintsError(where, describe_os_error(e)).line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (completed work is saved; rerun with --resume where supported)", file=sys.stderr)

@@ -278,7 +278,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise DintsError("--set", f"empty key in '{text}'")
     try:
         value = load_yaml_text(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 

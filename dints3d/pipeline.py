@@ -34,6 +34,7 @@ from dints3d.spaces.baselines.networks import BASELINES
 from dints3d.utils.checkpoint import has_checkpoint
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json, write_json
+from dints3d.utils.lock import locked_folder
 from dints3d.utils.runtime import init_runtime
 
 STATE_FILE = "run.json"
@@ -116,11 +117,8 @@ class Pipeline:
 
     def search(self) -> dict:
         resume = has_checkpoint(self.search_dir / "checkpoints" / "last.pt")
-        run = SearchRun(self.cfg, self.work, self.search_dir, init_runtime(self.cfg.device), resume=resume)
-        try:
+        with SearchRun(self.cfg, self.work, self.search_dir, init_runtime(self.cfg.device), resume=resume) as run:
             path = run.run()
-        finally:
-            run.close()
         return {"arch": str(path)}
 
     def export(self, name: str) -> dict:
@@ -150,7 +148,11 @@ class Pipeline:
         return {"masks": len(result.masks), "predictions": str(self.out / "predictions")}
 
     def run(self) -> dict:
-        """Run (or finish) every stage; returns the selection."""
+        """Run (or finish) every stage, holding the run folder (:mod:`dints3d.utils.lock`); returns the selection."""
+        with locked_folder(self.out):
+            return self._run()
+
+    def _run(self) -> dict:
         self.stage("prepare", self.prepare)
         if SEARCHED in self.settings.candidates:
             self.stage("search", self.search)

@@ -1,6 +1,6 @@
 """Test-wide settings (one CPU thread: tiny tensors run fastest single-threaded, and CI machines are shared) and the
 fixtures tests in several folders share: synthetic MSD and Cityscapes tasks, raw or prepared, each built once per
-session for each distinct set of options, and the tiny config overrides. Helpers and constants tests import are in
+session for each distinct set of options, the tiny config overrides, and exported bundles. Helpers and constants tests import are in
 support.py."""
 
 import os
@@ -14,8 +14,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from support import PreparedTask, TinyConfig  # noqa: E402
+from support import PreparedTask, TinyConfig, tiny_arch  # noqa: E402
 
+from dints3d.bundle.export import export_bundle  # noqa: E402
 from dints3d.cityscapes.synthetic import make_cityscapes_task  # noqa: E402
 from dints3d.config import config_path, load_config  # noqa: E402
 from dints3d.data.prepare import prepare  # noqa: E402
@@ -106,3 +107,18 @@ def prepared_cityscapes(cityscapes_task, tmp_path_factory) -> Callable[..., Prep
 def tiny() -> TinyConfig:
     """Config overrides under which a stage runs in seconds on a CPU (support.TinyConfig)."""
     return TinyConfig()
+
+
+@pytest.fixture(scope="session")
+def make_bundle(tiny):
+    """``make_bundle(root)``: synthetic CT task (LPS affine, shapes not multiples of 32) → prepare → export
+    :func:`support.tiny_arch` as ``root/bundle`` (the task in ``root/task``, the work folder in ``root/work``), with
+    the demo config and ``tiny.bundle``."""
+
+    def make(root: Path) -> Path:
+        make_msd_task(root / "task", cases=4, test_cases=2, size=24, seed=3)
+        cfg = load_config(config_path("demo"), tiny.bundle)
+        prepare(root / "task", root / "work", folds=2, config=cfg, progress=False)
+        return export_bundle(tiny_arch().save(root / "arch.json"), root / "work", root / "bundle", cfg)
+
+    return make

@@ -3,6 +3,15 @@ the conftest.py files; nothing imports from those."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +20,7 @@ from monai.bundle import ConfigParser
 
 from dints3d.spaces.dints.architecture import DintsArchitecture
 from dints3d.spaces.dints.supernet import DintsSearchSpace
+from dints3d.utils import io as io_module
 
 # --- Numerical comparisons that hold on any CPU ---------------------------------------------------------------------
 # Equivalence tests (ours against MONAI, a second implementation or brute force) compare in float64 where the ops
@@ -138,3 +148,107 @@ sys.meta_path.insert(0, _Refuse())
 sys.argv = ["monai.bundle", *sys.argv[1:]]
 runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 """
+
+
+# --- Faults of the file system and of other processes --------------------------------------------------------------
+
+class FailingFile(io.RawIOBase):
+    """A file whose writes fail with ``OSError(code)`` once more than ``after`` bytes were written (what a full disk
+    does), passing the first ``after`` bytes on to ``real``."""
+
+    def __init__(self, real, path: Path, code: int, after: int):
+        super().__init__()
+        self.real, self.name, self.code, self.left = real, str(path), code, after
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) > self.left:
+            self.real.write(data[: self.left])
+            self.left = 0
+            raise OSError(self.code, os.strerror(self.code))
+        self.left -= len(data)
+        return self.real.write(data)
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes
+            self.real.close()
+
+
+def failing_writes(monkeypatch, code: int = errno.ENOSPC, after: int | None = 0,
+                   names: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """Make the files dints3d writes (every one starts at :func:`dints3d.utils.io.temporary_file`) fail with
+    ``OSError(code)``: at creation when ``after`` is None (a read-only file system: EROFS, EACCES), else once more
+    than ``after`` bytes are written (a full disk: ENOSPC). Only targets whose file name ``names`` accepts fail; the
+    names of those that did are returned (the list grows as they fail). Root ignores permissions, so this is how the
+    tests make a folder unwritable."""
+    real, failed = io_module.temporary_file, []
+
+    def temporary_file(folder: Path, name: str):
+        if not names(name):
+            return real(folder, name)
+        failed.append(name)
+        if after is None:
+            raise OSError(code, os.strerror(code), str(Path(folder) / name))
+        f, path = real(folder, name)
+        return FailingFile(f, path, code, after), path
+
+    monkeypatch.setattr(io_module, "temporary_file", temporary_file)
+    return failed
+
+
+#: a process that holds the lock on the folder argv[1] (:mod:`dints3d.utils.lock`) until it is killed
+HOLD_LOCK = """
+import sys, time
+from dints3d.utils.lock import lock_folder
+lock_folder(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds the lock on ``folder`` for the block (then it is killed, by its pid)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll ``condition`` every 0.1 s until it holds; fail the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.1)

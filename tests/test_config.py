@@ -42,6 +42,11 @@ def test_overrides_apply_in_order_with_yaml_values(tmp_path):
         ("search:\n  arch_lr: 1e999\n", None, "'search.arch_lr' must be a finite number, got inf"),
         ("", "search.lr=1" + "0" * 400, "'search.lr' must be a finite number"),  # an int beyond float range
         ("", "search.memory_budget_gb=-.inf", "'search.memory_budget_gb' must be float or NoneType, got -inf"),
+        # a key given twice: PyYAML would keep the last one silently
+        ("search:\n  iterations: 5\nsearch:\n  lr: 0.1\n", None,
+         "invalid YAML at line 3: found duplicate key 'search'"),
+        ("search:\n  lr: 0.1\n  lr: 0.2\n", None, "invalid YAML at line 3: found duplicate key 'lr'"),
+        ("search: " + "[" * 100_000, None, "invalid YAML: nested too deeply"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(tmp_path, yaml_text, override, message):

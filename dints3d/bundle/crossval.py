@@ -36,7 +36,7 @@ import torch
 from dints3d.bundle.ensemble import Member, write_ensemble
 from dints3d.bundle.infer import segment
 from dints3d.bundle.input_checks import NIFTI
-from dints3d.bundle.runner import config_file
+from dints3d.bundle.runner import applicable_sets, config_file
 from dints3d.bundle.train import recorded_work, train, train_settings
 from dints3d.data.datalist import read_datalist
 from dints3d.evaluation.metrics import (
@@ -162,7 +162,9 @@ def predict_out_of_fold(bundle: str | os.PathLike, folds: Sequence[int], work: s
         print(f"fold {k}: predicting {len(missing)} validation case(s) with {model}", flush=True)
         options = [f"ckpt_path={model}", f"mirror_axes={MIRROR_AXES if mirroring else []}",
                    f"save_probabilities={str(probabilities).lower()}", "largest_component_labels=[]"]
-        result = segment(bundle, missing, out, NIFTI, ["inference.yaml"], [*sets, *options])
+        # the training's settings that inference has too (sw_overlap, amp, …); the others are training's own
+        applicable = applicable_sets(bundle, ["inference.yaml"], sets)
+        result = segment(bundle, missing, out, NIFTI, ["inference.yaml"], [*applicable, *options])
         if result.failures:
             path, problem = next(iter(result.failures.items()))
             raise DintsError(path, f"fold {k}: {problem}")

@@ -49,6 +49,8 @@ from dints3d.spaces.base import Architecture
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json, write_text
+from dints3d.utils.lock import locked_folder, never
+from dints3d.utils.outputs import check_output_folder
 from dints3d.utils.preflight import estimate_cache_bytes
 
 TEMPLATE = "dints_msd"
@@ -324,10 +326,13 @@ def export_bundle(arch_source: str | os.PathLike, work: str | os.PathLike, out: 
     ``cfg.data``). Returns ``out``."""
     cfg = cfg or Config()
     out, work = Path(out).absolute(), Path(work).absolute()
+    check_output_folder(out)
     check_target(out, force)
     plan = load_plan(work, cfg.plan)
     arch = load_architecture(arch_source, plan, cfg.train.deep_supervision)
-    return plan_format(plan).stage("export")(arch, arch_source, plan, work, out, cfg)
+    with locked_folder(out, keep=never):  # one export at a time; a folder this export created goes if it fails
+        check_target(out, force)
+        return plan_format(plan).stage("export")(arch, arch_source, plan, work, out, cfg)
 
 
 def export_msd_bundle(arch: Architecture, arch_source: str | os.PathLike, plan: dict, work: Path, out: Path,

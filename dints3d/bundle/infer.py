@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,13 +17,21 @@ from dints3d.bundle.runner import (
     InferResult,
     add_nproc_argument,
     bundle_run,
+    check_models,
+    check_sets,
     config_file,
     launcher,
-    network_channels,
+    network_input,
     override_args,
 )
 from dints3d.data.formats import bundle_format
 from dints3d.utils.errors import DintsError
+from dints3d.utils.lock import locked_folder
+from dints3d.utils.outputs import cannot_write, check_output_folder
+from dints3d.utils.preflight import check_writable
+
+#: the hidden folder inside OUT the bundle writes into; finished predictions are moved out of it
+PARTIAL_PREFIX = ".partial-"
 
 
 def infer(bundle: str | os.PathLike, inputs: list[str | os.PathLike], out: str | os.PathLike,
@@ -37,38 +46,106 @@ def segment(bundle: str | os.PathLike, inputs: list[str | os.PathLike], out: str
             configs: list[str], sets: list[str] | tuple[str, ...] = (), log: Path | None = None,
             nproc: int = 1) -> InferResult:
     """Check every input (a bad one is reported on one line and skipped), then segment the others in one bundle run
-    of ``configs`` (split across ``nproc`` processes) into ``out``."""
-    channels = network_channels(bundle)
+    of ``configs`` (split across ``nproc`` processes) into ``out``.
+
+    Before anything runs: the ``--set`` ids and types (:func:`~dints3d.bundle.runner.check_sets`), the weights
+    (:func:`~dints3d.bundle.runner.check_models`), ``out`` (writable; locked while this runs). The bundle writes into
+    a hidden temporary folder inside ``out``; each prediction is moved into place once it is complete and readable,
+    and only those count, so a full disk never leaves an empty mask that looks written. When the run fails on one
+    input (an error no check foresaw; one process), that input is reported and the bundle runs again on the rest."""
     for name in configs:
         config_file(bundle, name)
     launcher(nproc)
+    check_sets(bundle, configs, sets)
+    network = network_input(bundle, configs)
+    check_models(bundle, configs, sets)
+    out = Path(out).absolute()
+    check_output_folder(out)
     result = InferResult()
     files, result.failures = collect_inputs(inputs, kind)
     for path, problem in result.failures.items():
         print(f"error: {DintsError(path, problem).line()}", file=sys.stderr)
     good = []
     for path in files:
-        problem = kind.check(path, channels)
+        problem = kind.check(path, network)
         if problem is None:
             good.append(path.absolute())
         else:
             result.failures[path] = problem
             print(f"error: {DintsError(path, problem).line()}", file=sys.stderr)
     if not good:
-        return result
-    out = Path(out).absolute()
+        if len(result.failures) == 1:
+            path, problem = next(iter(result.failures.items()))
+            raise DintsError(path, f"{problem}; nothing to segment")
+        raise DintsError(", ".join(map(str, inputs)), f"none of the {len(result.failures)} inputs can be segmented "
+                         "(each is listed above); nothing to segment")
+    with locked_folder(out):
+        check_writable(out)
+        with tempfile.TemporaryDirectory(prefix=PARTIAL_PREFIX, dir=out) as partial:
+            for stale in out.glob(f"{PARTIAL_PREFIX}*"):  # left by a killed run (the folder is ours while locked)
+                if stale != Path(partial):
+                    shutil.rmtree(stale, ignore_errors=True)
+            _segment_all(bundle, configs, sets, log, nproc, good, Path(partial), out, kind, result)
+    return result
+
+
+def _segment_all(bundle: str | os.PathLike, configs: list[str], sets: list[str] | tuple[str, ...], log: Path | None,
+                 nproc: int, inputs: list[Path], partial: Path, out: Path, kind: InputKind,
+                 result: InferResult) -> None:
+    """Segment ``inputs`` (bundle runs writing into ``partial``, finished predictions moved to ``out``), recording
+    each prediction and failure in ``result``. A run that fails (one process) stopped at the first input without a
+    prediction, as inputs are processed in order: that input is reported and the rest run again."""
+    remaining = list(inputs)
+    while remaining:
+        status = _run_once(bundle, configs, sets, log, nproc, remaining, partial)
+        result.returncode = result.returncode or status
+        done = _move_into_place(partial, out, kind, remaining, result)
+        remaining = [path for path in remaining if path not in done]
+        if not remaining:
+            return
+        if status == 0 or nproc > 1:
+            for path in remaining:
+                result.failures[path] = f"no {kind.what} written (the bundle run exited with status {status})"
+            return
+        failed, remaining = remaining[0], remaining[1:]
+        again = f", the {kind.noun}s after it are segmented again" if remaining else ""
+        result.failures[failed] = (f"the bundle run failed on this {kind.noun} (exit status {status}; its output "
+                                   f"above says why){again}")
+        print(f"error: {DintsError(failed, result.failures[failed]).line()}", file=sys.stderr, flush=True)
+
+
+def _run_once(bundle: str | os.PathLike, configs: list[str], sets: list[str] | tuple[str, ...], log: Path | None,
+              nproc: int, inputs: list[Path], partial: Path) -> int:
+    """One bundle run segmenting ``inputs`` into the folder ``partial``; returns its exit status."""
     with tempfile.TemporaryDirectory(prefix="dints3d-infer-") as tmp:
         datalist = Path(tmp) / "datalist.json"
-        datalist.write_text(json.dumps([str(p) for p in good]))
-        args = ["--datalist", f"$json.loads(pathlib.Path({str(datalist)!r}).read_text())", "--output_dir", str(out)]
-        result.returncode = bundle_run(bundle, configs, args + override_args(sets), log, nproc)
-    for path in good:
+        datalist.write_text(json.dumps([str(p) for p in inputs]))
+        args = ["--datalist", f"$json.loads(pathlib.Path({str(datalist)!r}).read_text())", "--output_dir",
+                str(partial)]
+        return bundle_run(bundle, configs, args + override_args(sets), log, nproc)
+
+
+def _move_into_place(partial: Path, out: Path, kind: InputKind, inputs: list[Path], result: InferResult) -> set[Path]:
+    """Move every complete file the bundle wrote into ``partial`` to ``out`` (a rename: no space needed, never half a
+    file) and delete incomplete ones (a full disk); record the predictions of ``inputs`` that arrived in ``result``
+    and return those inputs."""
+    moved = set()
+    for written in sorted(p for p in partial.iterdir() if p.is_file()):
+        if not kind.readable(written):
+            written.unlink(missing_ok=True)
+            continue
+        try:
+            os.replace(written, out / written.name)
+        except OSError as e:
+            raise cannot_write(out / written.name, e, "the predictions already moved there are complete") from None
+        moved.add(written.name)
+    done = set()
+    for path in inputs:
         mask = kind.output(out, kind.name(path))
-        if mask.is_file():
+        if mask.name in moved:
             result.masks[path] = mask
-        else:
-            result.failures[path] = f"no {kind.what} written (the bundle run exited with status {result.returncode})"
-    return result
+            done.add(path)
+    return done
 
 
 def infer_nifti(bundle: str | os.PathLike, inputs: list[str | os.PathLike], out: str | os.PathLike,

@@ -28,7 +28,8 @@ import dints3d
 from dints3d.spaces.base import Architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.figures import save_figure
-from dints3d.utils.io import write_json, write_text
+from dints3d.utils.io import umask, write_bytes, write_json, write_text
+from dints3d.utils.outputs import cannot_write
 
 
 def template_dir(name: str) -> Path:
@@ -182,15 +183,19 @@ def write_bundle(template: Path, out: Path, filled: dict[str, dict[str, Any]], c
     ``copied`` files as they are, ``metadata.json``, ``models/arch.json``, ``docs/arch.png`` (if the space draws
     one), ``docs/README.md`` with the values ``readme()`` returns, and the files ``written(build)`` returns (path in
     the bundle → text; ``build`` is the folder being assembled). Assembled next to ``out``, then renamed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    kept = "nothing was written (a bundle already there is unchanged)"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+        os.chmod(build, 0o777 & ~umask())  # mkdtemp makes it 0700; the bundle gets what a plain mkdir would give
+    except OSError as e:
+        raise cannot_write(out, e, kept) from None
     try:
         for name, values in filled.items():
             text = (template / "configs" / name).read_text()
-            write_text(build / "configs" / name, fill_yaml(text, values, f"{template}/configs/{name}"))
+            write_text(build / "configs" / name, fill_yaml(text, values, f"{template}/configs/{name}"), kept)
         for name in copied:
-            (build / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(template / name, build / name)
+            write_bytes(build / name, (template / name).read_bytes(), kept)
         write_json(build / "configs" / "metadata.json", meta)
         arch.save(build / "models" / "arch.json")
         figure = arch.figure()
@@ -201,6 +206,11 @@ def write_bundle(template: Path, out: Path, filled: dict[str, dict[str, Any]], c
         for name, text in (written(build) if written is not None else {}).items():
             write_text(build / name, text)
         swap_into_place(build, out)
+    except OSError as e:
+        raise cannot_write(out, e, kept) from None
+    except DintsError as e:  # a file of the bundle being assembled: name it where it was going
+        inside = e.where is not None and Path(e.where).is_relative_to(build)
+        raise (DintsError(out / Path(e.where).relative_to(build), e.problem) if inside else e) from None
     finally:
         if build.exists():
             shutil.rmtree(build)

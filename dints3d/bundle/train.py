@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,16 +24,21 @@ from dints3d.bundle.handlers import refuse_existing_training, training_state_fil
 from dints3d.bundle.runner import (
     bundle_folder,
     bundle_run,
+    check_sets,
     config_file,
     launcher,
     override_args,
     parse_set,
 )
 from dints3d.cost.memory import meta_network
+from dints3d.data.dataset import check_items
+from dints3d.data.fingerprint import read_plan
 from dints3d.data.patch import check_patch_sides
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json
+from dints3d.utils.lock import locked_folder
+from dints3d.utils.outputs import check_output_folder
 from dints3d.utils.preflight import (
     check_free_disk,
     check_writable,
@@ -60,12 +66,19 @@ def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets
     launcher(nproc)
     if device not in TRAIN_DEVICES:
         raise DintsError("--device", f"must be one of {', '.join(TRAIN_DEVICES)}, got '{device}'")
+    configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
+    check_sets(bundle, configs, sets)
     settings = train_settings(train_yaml, sets, work)
+    if work is not None:
+        check_task_matches(bundle, settings, Path(work).absolute())
     args = [] if work is None else [item for key in work_settings(settings) for item in (f"--{key}", settings[key])]
     env = {**(env or {}), **preflight_training(bundle, settings, nproc, device, work)}
-    mode = resume_mode(resume, bundle_folder(settings.get("ckpt_dir"), bundle))
-    configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
-    return bundle_run(bundle, configs, args + ["--resume_mode", mode] + override_args(sets), log, nproc, env)
+    ckpt_dir = bundle_folder(settings.get("ckpt_dir"), bundle)
+    # one training per checkpoint folder; the bundle run inherits the lock, so the folder stays locked until it ends
+    with locked_folder(ckpt_dir or bundle) as lock:
+        mode = resume_mode(resume, ckpt_dir)
+        return bundle_run(bundle, configs, args + ["--resume_mode", mode] + override_args(sets), log, nproc, env,
+                          keep_fds=(lock.fd,))
 
 
 def work_settings(config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -122,10 +135,28 @@ def train_settings(train_yaml: Path, sets: list[str] | tuple[str, ...] = (),
             config[key] = value
     if work is not None and "datalist_file" in config:
         datalist, task_dir = work_data(work)
-        config.update(datalist_file=str(datalist), dataset_dir=str(task_dir))
+        config["datalist_file"] = str(datalist)
+        if not any(parse_set(text)[0] == "dataset_dir" for text in sets):  # the images of WORK's task
+            config["dataset_dir"] = str(task_dir)
     elif work is not None:
         config["work_dir"] = str(work_datalist(work).parent)
     return config
+
+
+def check_task_matches(bundle: Path, settings: Mapping[str, Any], work: Path) -> None:
+    """Refuse a ``--work`` prepared for a task the bundle's network cannot take (other channel or class counts); say
+    so when it is another task whose preprocessing differs (the bundle's own is used)."""
+    plan = read_plan(work)
+    wanted = {key: settings.get(key) for key in ("in_channels", "out_channels")}
+    got = {key: plan.get(key) for key in wanted}
+    if all(_plain_number(v) for v in wanted.values()) and got != wanted:
+        raise DintsError(work, f"is prepared for {got['in_channels']} channel(s) and {got['out_channels']} classes "
+                         f"({plan.get('name')}), but the bundle's network takes {wanted['in_channels']} and "
+                         f"{wanted['out_channels']}: export a bundle for this task (dints3d export --work {work})")
+    spacing = settings.get("target_spacing")
+    if isinstance(spacing, list) and [float(v) for v in plan.get("target_spacing", [])] != [float(v) for v in spacing]:
+        print(f"warning: {work} ({plan.get('name')}) has target spacing {plan.get('target_spacing')}; the bundle "
+              f"resamples to {spacing} and normalizes as it was exported", file=sys.stderr, flush=True)
 
 
 def resume_mode(resume: bool | str, ckpt_dir: Path | None) -> str:
@@ -166,7 +197,9 @@ def preflight_training(bundle: Path, settings: Mapping[str, Any], nproc: int = 1
     for key in ("ckpt_dir", "output_dir"):
         folder = bundle_folder(settings.get(key), bundle)
         if folder is not None:
+            check_output_folder(folder)
             check_writable(folder)
+    _check_cases(bundle, settings)
     parameters = _parameter_count(bundle, settings)
     ckpt_dir = bundle_folder(settings.get("ckpt_dir"), bundle)
     if ckpt_dir is not None and parameters is not None:
@@ -225,6 +258,23 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def _check_cases(bundle: Path, settings: Mapping[str, Any]) -> None:
+    """The cases the training reads (``fold``'s training and validation lists of ``datalist_file``, relative to
+    ``dataset_dir``) exist and have the channels the network takes (:func:`~dints3d.data.dataset.check_items`)."""
+    datalist = bundle_folder(settings.get("datalist_file"), bundle)
+    base = bundle_folder(settings.get("dataset_dir"), bundle)
+    fold, channels = settings.get("fold"), settings.get("in_channels")
+    if datalist is None or base is None or not _plain_number(fold) or not _plain_number(channels) \
+            or not datalist.is_file():
+        return  # expressions (the bundle run evaluates them), or a Cityscapes bundle
+    data = read_json(datalist)
+    items = [{k: str(base / v) if k in ("image", "label") else v for k, v in item.items()}
+             for part in ("train", "validation") for item in data.get(f"fold{int(fold)}_{part}", [])
+             if isinstance(item, dict)]
+    check_items(items, int(channels), bundle / "configs" / "train.yaml",
+                "the task folder moved; pass its location with --set dataset_dir=FOLDER or --work WORK")
 
 
 def _check_cache_memory(settings: Mapping[str, Any], work: Path | None) -> None:

@@ -13,17 +13,17 @@ import os
 from pathlib import Path
 
 from dints3d.bundle.infer import segment
-from dints3d.bundle.input_checks import InputKind
+from dints3d.bundle.input_checks import InputKind, NetworkInput
 from dints3d.bundle.runner import InferResult
-from dints3d.cityscapes.folder import check_image, core_name
+from dints3d.cityscapes.folder import check_image, core_name, read_label_ids
 from dints3d.cityscapes.transforms import PREDICTION_SUFFIX
 from dints3d.utils.errors import DintsError
 
 
-def image_problem(path: Path, num_channels: int) -> str | None:
-    """``None`` if ``path`` is an RGB PNG the network can take (``num_channels`` must be 3), else one sentence."""
-    if num_channels != 3:
-        return f"the network expects {num_channels} channel(s); Cityscapes images are RGB"
+def image_problem(path: Path, network: NetworkInput) -> str | None:
+    """``None`` if ``path`` is an RGB PNG the network can take (it must take 3 channels), else one sentence."""
+    if network.channels != 3:
+        return f"the network expects {network.channels} channel(s); Cityscapes images are RGB"
     try:
         check_image(path)
     except DintsError as e:
@@ -31,11 +31,20 @@ def image_problem(path: Path, num_channels: int) -> str | None:
     return None
 
 
+def prediction_readable(path: Path) -> bool:
+    """Whether ``path`` is a complete label-id PNG."""
+    try:
+        read_label_ids(path)
+    except DintsError:
+        return False
+    return True
+
+
 #: Cityscapes PNG images
 PNG = InputKind(accepts=lambda name: name.lower().endswith(".png"), described="PNG images", one="a PNG image",
                 recursive=True,
                 name=core_name, check=image_problem, output=lambda out, name: out / f"{name}{PREDICTION_SUFFIX}",
-                noun="image", what="prediction")
+                noun="image", what="prediction", readable=prediction_readable)
 
 
 def infer_png(bundle: str | os.PathLike, inputs: list[str | os.PathLike], out: str | os.PathLike,

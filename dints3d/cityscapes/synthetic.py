@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dints3d.utils.errors import DintsError
+from dints3d.utils.io import write_stream
 
 #: Cityscapes label ids drawn here (cityscapesscripts' ``labels`` table)
 UNLABELED, EGO_VEHICLE, RECTIFICATION_BORDER, STATIC = 0, 1, 2, 4
@@ -171,8 +172,8 @@ def _render(rng: np.random.Generator, label: np.ndarray, colours: dict[int, np.n
 def _save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image  # pillow: optional (the cityscapes extra)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    image = Image.fromarray(array)
+    write_stream(path, lambda f: image.save(f, format="PNG"))  # a full disk is one line, not a traceback
 
 
 def make_cityscapes_task(out: str | Path, cases: int = 8, test_cases: int = 2, size: int | None = None, seed: int = 0,

@@ -40,7 +40,7 @@ from dints3d.cityscapes.labels import (
     label_id_table,
     train_id_table,
 )
-from dints3d.utils.io import write_atomic
+from dints3d.utils.io import write_stream
 
 #: DeepLab's random scale range for training
 SCALE_RANGE = (0.5, 2.0)
@@ -76,7 +76,7 @@ class SaveLabelIdsd(MapTransform):
                 raise ValueError(f"'{self.meta_key}' has no source file name in its metadata to name the prediction")
             train_ids = np.asarray(torch.as_tensor(d[key]).detach().cpu())[0].astype(np.int64)
             image = Image.fromarray(self.table[train_ids.clip(0, 255)])
-            write_atomic(self.output_dir / f"{core_name(source)}{self.suffix}", lambda p: image.save(p, format="PNG"))
+            write_stream(self.output_dir / f"{core_name(source)}{self.suffix}", lambda f: image.save(f, format="PNG"))
         return d
 
 

@@ -66,17 +66,25 @@ def make_datalist(task: Task, num_folds: int = 5, seed: int = 0) -> dict:
     return out
 
 
-def read_datalist(work_dir: str | os.PathLike, key: str) -> list[dict]:
-    """One list of ``WORK/datalist.json`` (e.g. ``"fold0_weights"``) with ``image``/``label`` made absolute.
-
-    Equivalent to ``monai.data.load_decathlon_datalist(path, data_list_key=key, base_dir=task_dir)``.
-    """
+def read_datalist_file(work_dir: str | os.PathLike) -> dict:
+    """``WORK/datalist.json`` as written by ``dints3d prepare`` (DintsError if missing, malformed or too new)."""
     path = Path(work_dir) / DATALIST_FILE
     data = read_json(path)
     if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
         raise DintsError(path, f"not a version-{FORMAT_VERSION} datalist; rerun 'dints3d prepare'")
+    return data
+
+
+def read_datalist(work_dir: str | os.PathLike, key: str, base: str | os.PathLike | None = None) -> list[dict]:
+    """One list of ``WORK/datalist.json`` (e.g. ``"fold0_weights"``) with ``image``/``label`` made absolute against
+    ``base`` (default: the task folder recorded by ``prepare``).
+
+    Equivalent to ``monai.data.load_decathlon_datalist(path, data_list_key=key, base_dir=task_dir)``.
+    """
+    path = Path(work_dir) / DATALIST_FILE
+    data = read_datalist_file(work_dir)
     if key not in data or not isinstance(data[key], list):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         raise DintsError(path, f"no list '{key}'; lists: {', '.join(lists)}")
-    base = Path(data["task_dir"])
-    return [{k: str(base / v) if k in ("image", "label") else v for k, v in item.items()} for item in data[key]]
+    root = Path(data["task_dir"] if base is None else base)
+    return [{k: str(root / v) if k in ("image", "label") else v for k, v in item.items()} for item in data[key]]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import nibabel as nib
 import torch
 from monai.data import (
     CacheDataset,
@@ -15,7 +18,7 @@ from monai.data import (
     ThreadDataLoader,
 )
 
-from dints3d.data.datalist import read_datalist
+from dints3d.data.datalist import read_datalist, read_datalist_file
 from dints3d.data.fingerprint import read_plan
 from dints3d.data.formats import plan_format
 from dints3d.utils.errors import DintsError
@@ -39,6 +42,44 @@ def load_items(work: str | os.PathLike, key: str, max_cases: int | None = None) 
     if not items:
         raise DintsError(Path(work) / "datalist.json", f"list '{key}' is empty (too few cases for this split)")
     return items[:max_cases] if max_cases else items
+
+
+def check_items(items: Sequence[dict], channels: int, plan_file: str | os.PathLike, advice: str) -> None:
+    """Before any case is loaded: every image and label of ``items`` exists, and every NIfTI image's header has
+    ``channels`` channels (what ``plan_file`` says the network takes). A task folder moved or changed after
+    ``dints3d prepare``, or an edited ``plan.json``, is then one line naming the case, not an error deep in MONAI's
+    loader or a convolution; ``advice`` says what to do about a missing file."""
+    for item in items:
+        for key in ("image", "label"):
+            if key in item and not Path(item[key]).is_file():
+                case = item.get("case") or Path(item[key]).name
+                raise DintsError(item[key], f"{key} of case '{case}' not found: {advice}")
+    for item in items:
+        image = Path(item["image"])
+        if not image.name.endswith((".nii", ".nii.gz")):
+            continue
+        try:
+            shape = nib.load(image).shape
+        except Exception as e:  # noqa: BLE001 - nibabel raises many types for damaged headers
+            raise DintsError(image, f"cannot read the NIfTI header ({type(e).__name__}: {e}); the file changed after "
+                             "`dints3d prepare`: prepare again") from None
+        found = shape[3] if len(shape) == 4 else 1
+        if found != channels:
+            raise DintsError(image, f"has {found} channel(s) (shape {list(shape)}), but {plan_file} says the network "
+                             f"takes {channels}: the image or plan.json changed after `dints3d prepare`; prepare again")
+
+
+def prepared_digest(work: str | os.PathLike, plan: Mapping[str, Any]) -> dict[str, str]:
+    """Digests of what a prepared WORK folder makes a run learn from: the (effective) plan and the datalist (its
+    split), each without the task folder's location (moving the task changes neither). A resumed search compares
+    them with its checkpoint's."""
+    datalist = read_datalist_file(work)
+
+    def digest(value: Any) -> str:
+        text = json.dumps({k: v for k, v in value.items() if k != "task_dir"}, sort_keys=True, default=str)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    return {"plan": digest(dict(plan)), "datalist": digest(datalist)}
 
 
 def make_dataset(

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dints3d.config import suggest_key
+from dints3d.data.image_checks import resampled_problem
 from dints3d.data.msd import Case, Task, Volume
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json
@@ -378,6 +379,8 @@ def make_plan(fingerprint: dict, divisor: int, overrides: dict | None = None,
         raise DintsError(where(source, "target_spacing"), f"'plan.target_spacing' {plan['target_spacing']} gives "
                          f"a median resampled shape of {[float(f'{m:.3g}') for m in median]} voxels; every axis needs a "
                          "finite size of at least 1 voxel")
+    _check_resampled_sizes(fingerprint, shapes, spacings, plan["target_spacing"], source, "target_spacing" in overrides)
+    _check_intensity_range(fingerprint, plan["normalization"], "normalization" in overrides)
     plan["median_shape"] = overrides.get("median_shape", [round(float(m), 2) for m in median])
     divisor = overrides.get("patch_divisor", divisor)
     check_patch(overrides, divisor, source)
@@ -386,6 +389,38 @@ def make_plan(fingerprint: dict, divisor: int, overrides: dict | None = None,
     plan["patch_divisor"] = divisor
     plan["overrides"] = overrides
     return plan
+
+
+def _check_resampled_sizes(fingerprint: dict, shapes: np.ndarray, spacings: np.ndarray, target: list[float],
+                           source: str | Mapping[str, str], overridden: bool) -> None:
+    """Refuse a case that, resampled to the target spacing, would be too large to hold (a spacing off by orders of
+    magnitude in one header), before any stage tries to allocate it; when even the median case would be, the target
+    spacing (an override) is at fault."""
+    problems = [resampled_problem(shape, spacing, target) for shape, spacing in zip(shapes, spacings)]
+    if not any(problems):
+        return
+    median_case = int(np.argsort([float(np.prod(s * sp)) for s, sp in zip(shapes, spacings)])[len(shapes) // 2])
+    if problems[median_case] and overridden:
+        raise DintsError(where(source, "target_spacing"), f"'plan.target_spacing' {target}: a median case, "
+                         f"{problems[median_case]}")
+    index = next(i for i, p in enumerate(problems) if p)
+    case = fingerprint["cases"][index]
+    median = [round(float(m), 4) for m in np.median(spacings, axis=0)]
+    raise DintsError(Path(fingerprint["task_dir"]) / case["image"], f"{problems[index]} (the median case's spacing is "
+                     f"{median} mm)")
+
+
+def _check_intensity_range(fingerprint: dict, normalization: list[dict], overridden: bool) -> None:
+    """Refuse a CT normalization whose clipping range is empty: every training case's foreground has one value."""
+    if overridden:
+        return  # checked by check_overrides
+    for entry in normalization:
+        if entry["scheme"] == "ct" and not (entry["clip"][0] < entry["clip"][1] and entry["std"] > 0):
+            low, high = entry["clip"]
+            raise DintsError(Path(fingerprint["task_dir"]) / "dataset.json", f"the foreground voxels of modality "
+                             f"{entry['modality']} are (almost) all one value: their 0.5–99.5 percentile range is "
+                             f"[{low:g}, {high:g}], std {entry['std']:g}, so there is no intensity range to normalize "
+                             "(check the images, or set plan.normalization)")
 
 
 def read_plan(work_dir: str | os.PathLike) -> dict:

@@ -16,12 +16,15 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from dints3d.data.image_checks import affine_problem, spacing_of, voxel_problem
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import read_json
 
 REQUIRED_KEYS = ("name", "modality", "labels", "training")
 #: largest allowed difference between an image's and its label's affine entries (mm)
 AFFINE_TOLERANCE = 1e-3
+#: values an error message lists at most
+MAX_LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class Volume:
     @property
     def spacing(self) -> list[float]:
         """Voxel size in mm along the three array axes [3]."""
-        return [float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0)]
+        return spacing_of(self.affine)
 
     @property
     def orientation(self) -> str:
@@ -103,8 +106,16 @@ def _mapping(data: dict, key: str, where: Path) -> dict[str, str]:
     expected = [str(i) for i in range(len(value))]
     if sorted(value) != sorted(expected):
         raise DintsError(where, f"'{key}' keys must be \"0\" … \"{len(value) - 1}\", got {sorted(value)}")
-    if not all(isinstance(v, str) for v in value.values()):
-        raise DintsError(where, f"'{key}' values must be strings")
+    if not all(isinstance(v, str) and v.strip() for v in value.values()):
+        raise DintsError(where, f"'{key}' values must be non-empty strings")
+    if key == "labels":
+        seen: dict[str, str] = {}
+        for k in expected:
+            name = value[k].strip().lower()
+            if name in seen:
+                raise DintsError(where, f"'labels' names class {seen[name]} and class {k} both '{value[k]}'; give "
+                                 "each class its own name (a merged class needs one label value)")
+            seen[name] = k
     return {k: value[k] for k in expected}
 
 
@@ -158,13 +169,21 @@ def _check_unique(cases: list[Case], where: Path) -> None:
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Array (stored dtype, or float after NIfTI scaling) and affine; a truncated or corrupt file → DintsError."""
+    """Array (stored dtype, or float after NIfTI scaling) and affine; a truncated or corrupt file, or an affine no
+    stage can use (:func:`~dints3d.data.image_checks.affine_problem`) → DintsError."""
     try:
         img = nib.load(path)
+        affine = img.affine
+    except (ImageFileError, HeaderDataError, EOFError, zlib.error, OSError, ValueError) as e:
+        raise DintsError(path, f"cannot read NIfTI (truncated or corrupt file?): {e}") from None
+    problem = affine_problem(affine)
+    if problem:
+        raise DintsError(path, problem)
+    try:
         data = np.asanyarray(img.dataobj)
     except (ImageFileError, HeaderDataError, EOFError, zlib.error, OSError, ValueError) as e:
         raise DintsError(path, f"cannot read NIfTI (truncated or corrupt file?): {e}") from None
-    return data, img.affine
+    return data, affine
 
 
 def load_image(path: Path, num_modalities: int) -> Volume:
@@ -177,9 +196,16 @@ def load_image(path: Path, num_modalities: int) -> Volume:
         expected = "3D, or 4D with 1 modality" if num_modalities == 1 else f"4D with {num_modalities} modalities"
         raise DintsError(path, f"image has shape {list(data.shape)} ({data.ndim}D); expected {expected} "
                                f"on the 4th axis as declared in dataset.json")
-    _check_real(path, data, "image")
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        raise DintsError(path, f"image contains {int((~np.isfinite(data)).sum())} NaN or infinite voxels")
+    problem = voxel_problem(data, "image")
+    if problem:
+        raise DintsError(path, problem)
+    channels = data.reshape(-1, data.shape[3])
+    low, high = channels.min(axis=0), channels.max(axis=0)
+    flat = [c for c in range(data.shape[3]) if low[c] == high[c]]
+    if flat:
+        which = "image" if data.shape[3] == 1 else f"channel {flat[0]} of the image"
+        raise DintsError(path, f"{which} is constant (every voxel is {low[flat[0]].item():g}): it holds no intensity "
+                               "information (an empty or blanked export?)")
     return Volume(data, affine)
 
 
@@ -205,7 +231,10 @@ def load_label(path: Path, labels: dict[str, str], image: Volume) -> Volume:
             raise DintsError(path, "label contains non-integer values")
     if data.min() < 0 or data.max() >= len(labels):
         unknown = [int(v) for v in np.unique(data) if not 0 <= v < len(labels)]
-        raise DintsError(path, f"label value(s) {unknown} not declared in dataset.json labels "
+        shown = ", ".join(map(str, unknown[:MAX_LISTED]))
+        more = f", … ({len(unknown)} undeclared values in all; is this an image rather than a label map?)" \
+            if len(unknown) > MAX_LISTED else ""
+        raise DintsError(path, f"label value(s) [{shown}{more}] not declared in dataset.json labels "
                                f"(0–{len(labels) - 1})")
     return Volume(data if integer else data.astype(np.int64), affine)
 

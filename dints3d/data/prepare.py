@@ -33,21 +33,8 @@ from dints3d.data.msd import load_image, load_label, read_task
 from dints3d.spaces.dints.topology import patch_divisor
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import write_texts_together
-
-
-def check_output_folder(work: Path) -> None:
-    """Refuse an output folder that cannot be created or written in, before any case is read. Creates nothing, so
-    a refused or failed ``prepare`` leaves no empty folder behind."""
-    existing = work
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing == work and not work.is_dir():
-        raise DintsError(work, "exists and is not a folder")
-    if not existing.is_dir():
-        raise DintsError(work, f"cannot create the output folder: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "the output folder" if existing == work else f"{existing}, where the output folder would be created"
-        raise DintsError(work, f"cannot write in {what} (no permission or a read-only file system)")
+from dints3d.utils.lock import locked_folder, never
+from dints3d.utils.outputs import check_output_folder
 
 
 def write_outputs(work: Path, outputs: dict[str, dict]) -> None:
@@ -75,11 +62,14 @@ def prepare(task_dir: str | os.PathLike, work_dir: str | os.PathLike, folds: int
     """Validate ``task_dir`` and write the three files into ``work_dir``; returns them as
     ``{"fingerprint": …, "plan": …, "datalist": …}``. ``config.plan`` overrides plan fields (errors name
     ``config_source``: one file, or the file or ``--set`` of each plan key); ``config.dints`` sets the patch
-    divisor. The output folder and the overrides are checked before any case is read."""
+    divisor. The output folder and the overrides are checked before any case is read; the folder is locked while
+    ``prepare`` runs (:mod:`dints3d.utils.lock`)."""
     cfg = config or Config()
     work = Path(work_dir)
     check_output_folder(work)
-    return folder_format(task_dir).prepare(task_dir, work, folds, seed, cfg, config_source, progress)
+    # one process at a time; a WORK folder this run created is removed if it fails (its files land all at once)
+    with locked_folder(work, keep=never):
+        return folder_format(task_dir).prepare(task_dir, work, folds, seed, cfg, config_source, progress)
 
 
 def prepare_msd(task_dir: str | os.PathLike, work: Path, folds: int, seed: int, cfg: Config,

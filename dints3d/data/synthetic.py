@@ -12,6 +12,7 @@ of the arguments (``seed`` included).
 from __future__ import annotations
 
 import argparse
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from scipy.ndimage import gaussian_filter
 
 from dints3d.data.formats import DEFAULT_FORMAT, FORMATS, format_named
 from dints3d.utils.errors import DintsError
-from dints3d.utils.io import write_json
+from dints3d.utils.io import write_bytes, write_json
+from dints3d.utils.lock import locked_folder, never
+from dints3d.utils.outputs import check_output_folder
 
 MRI_NAMES = ("T2", "ADC", "T1", "FLAIR", "T1Gd", "DWI")
 CT_LIMITS = (-1024, 3071)
@@ -225,7 +228,10 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, path)
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):  # as nibabel writes .nii.gz: level 1, no time stamp
+        data = gzip.compress(data, compresslevel=1, mtime=0)
+    write_bytes(path, data)  # through dints3d's writer: a full disk is one line, not a traceback
 
 
 def make_msd_task(out: str | Path, cases: int = 8, test_cases: int = 2, classes: int = 2, modalities: int = 1,
@@ -314,6 +320,9 @@ def run(args: argparse.Namespace) -> int:
                if v is not None}
     # each format's writer takes out, cases, test_cases, seed and those other options that apply to it
     fmt = format_named(args.format)
-    out = fmt.stage("synthesize")(args.out, cases=args.cases, test_cases=args.test_cases, seed=args.seed, **options)
+    check_output_folder(args.out)
+    with locked_folder(args.out, keep=never):  # one writer; a failed run leaves no half-written task behind
+        out = fmt.stage("synthesize")(args.out, cases=args.cases, test_cases=args.test_cases, seed=args.seed,
+                                      **options)
     print(f"wrote {args.cases} {fmt.labelled_cases} and {args.test_cases} test cases to {out}")
     return 0

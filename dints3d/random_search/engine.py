@@ -32,9 +32,10 @@ from dints3d.random_search.trials import (
     trials_figure,
 )
 from dints3d.spaces.base import Architecture
+from dints3d.utils.checkpoint import write_torch
 from dints3d.utils.errors import DintsError
 from dints3d.utils.figures import save_figure
-from dints3d.utils.io import read_json, write_atomic, write_json, write_text
+from dints3d.utils.io import read_json, write_json, write_text
 from dints3d.utils.resume_settings import changed_settings
 
 TRIALS_FILE, TOPK_FILE, SETTINGS_FILE = "trials.csv", "topk.csv", "random_search.json"
@@ -232,7 +233,7 @@ class RandomSearch:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    write_torch(path, state)
 
 
 def load_state(path: str | Path, what: str, map_location: str | torch.device = "cpu", hint: str = "") -> dict:

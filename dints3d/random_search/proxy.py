@@ -33,8 +33,9 @@ from dints3d.random_search.engine import load_state
 from dints3d.random_search.train import Schedule, cycling_batches, train_steps
 from dints3d.spaces.base import Architecture
 from dints3d.spaces.dpc.backbones import backbone_features
+from dints3d.utils.checkpoint import write_torch
 from dints3d.utils.errors import DintsError
-from dints3d.utils.io import read_json, write_atomic, write_json
+from dints3d.utils.io import read_json, write_json
 from dints3d.utils.runtime import Runtime, seed_everything
 
 FEATURES_FILE, BACKBONE_FILE, META_FILE = "features.pt", "backbone.pt", "meta.json"
@@ -123,7 +124,7 @@ def cache_key(identity: dict) -> str:
 
 
 def _save_tensors(path: Path, tensors: dict) -> None:
-    write_atomic(path, lambda tmp: torch.save(tensors, tmp))
+    write_torch(path, tensors)
 
 
 def cached_features(cfg: Config, work: str | os.PathLike, backbone: Architecture, plan: dict, patch: list[int],

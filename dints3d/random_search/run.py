@@ -34,6 +34,8 @@ from dints3d.spaces.dpc.genotype import DpcCatalog
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import write_yaml
+from dints3d.utils.lock import locked_folder
+from dints3d.utils.outputs import check_output_folder
 from dints3d.utils.runtime import Runtime, init_runtime
 
 SPACES = ("dints", "autodeeplab", "dpc")
@@ -158,12 +160,15 @@ def run(args: argparse.Namespace) -> int:
     if runtime.distributed:
         raise DintsError("random-search", "runs in one process (start it without torchrun)")
     out = Path(args.out)
-    if space == "dpc":
-        search, _ = dpc_search(cfg, args.work, out, runtime, args.resume)
-    else:
-        search = network_random_search(cfg, args.work, out, runtime, space, args.resume)
-    write_yaml(out / "config.yaml", config_to_dict(cfg))
-    arch = search.run()
+    check_output_folder(out)
+    # one process per run folder; a folder this run created goes again if it fails before writing anything
+    with locked_folder(out):
+        if space == "dpc":
+            search, _ = dpc_search(cfg, args.work, out, runtime, args.resume)
+        else:
+            search = network_random_search(cfg, args.work, out, runtime, space, args.resume)
+        write_yaml(out / "config.yaml", config_to_dict(cfg))
+        arch = search.run()
     if arch is None:
         print("no trial ran (the time budget was already spent)")
         return 0

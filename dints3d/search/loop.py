@@ -22,7 +22,13 @@ from dints3d import __version__
 from dints3d.config import Config, config_to_dict
 from dints3d.cost.budget import sigma_for_budget
 from dints3d.cost.memory import predict_search_step_memory
-from dints3d.data.dataset import load_items, load_plan, make_dataset
+from dints3d.data.dataset import (
+    check_items,
+    load_items,
+    load_plan,
+    make_dataset,
+    prepared_digest,
+)
 from dints3d.data.losses import segmentation_loss
 from dints3d.data.patch import resolve_patch
 from dints3d.data.stream import PatchStream, stream_loader
@@ -32,6 +38,7 @@ from dints3d.search.architect import Architect
 from dints3d.search.resume import (
     LoopState,
     check_resumable_config,
+    check_same_data,
     loop_state,
     restore_rng,
 )
@@ -41,6 +48,8 @@ from dints3d.utils.checkpoint import has_checkpoint, load_checkpoint, save_check
 from dints3d.utils.errors import DintsError
 from dints3d.utils.figures import save_figure
 from dints3d.utils.io import write_json, write_yaml
+from dints3d.utils.lock import FolderLock, discard_if_new, lock_folder
+from dints3d.utils.outputs import check_output_folder
 from dints3d.utils.preflight import (
     check_free_disk,
     check_writable,
@@ -60,13 +69,28 @@ class SearchRun:
     Args:
         cfg: the run's configuration.
         work: folder written by ``dints3d prepare`` (plan.json, datalist.json).
-        out: the run folder (created; must be empty of another run's checkpoint unless ``resume``).
+        out: the run folder (created; must be empty of another run's checkpoint unless ``resume``). Rank 0 locks it
+            until :meth:`close` (:mod:`dints3d.utils.lock`); a run folder this search created is removed again if
+            the search fails before its first checkpoint. Use the run as a context manager, or call :meth:`close`.
         runtime: device and distributed placement.
         resume: continue from ``out/checkpoints/last.pt``.
     """
     def __init__(self, cfg: Config, work: str | Path, out: str | Path, runtime: Runtime, resume: bool = False):
         self.cfg, self.work, self.out, self.rt = cfg, Path(work), Path(out), runtime
         self.ckpt_dir = self.out / "checkpoints"
+        self.writer = None
+        self.lock: FolderLock | None = None
+        if runtime.is_main:
+            check_output_folder(self.out)
+            self.lock = lock_folder(self.out)
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        cfg, runtime = self.cfg, self.rt
         if runtime.is_main:
             check_writable(self.out)
             for folder in (self.out, self.ckpt_dir, self.out / "arch_history"):
@@ -83,6 +107,15 @@ class SearchRun:
             saved = None
 
         self.plan = load_plan(self.work, cfg.plan)
+        self.data_digest = prepared_digest(self.work, self.plan)
+        if saved is not None:
+            check_same_data(saved, self.data_digest, last, self.work)
+        d = cfg.data
+        items = [item for key in ("weights", "arch", "validation")
+                 for item in load_items(self.work, f"fold{d.fold}_{key}", d.max_cases)]
+        check_items(items, int(self.plan["in_channels"]), self.work / "plan.json",
+                    f"the task folder moved or changed after `dints3d prepare`; prepare {self.work} again from the "
+                    "task's current location")
         seed_everything(cfg.seed)
         self.space = build_search_space(cfg, int(self.plan["in_channels"]), int(self.plan["out_channels"]))
         self.space.to(runtime.device)
@@ -102,7 +135,6 @@ class SearchRun:
         self._make_data()
         if saved is not None:  # last, so that nothing above draws from the restored generators
             restore_rng(saved, self.rt.device, last)
-        self.writer = None
         if runtime.is_main:
             # tensorboard: heavy, and optional where only the search loop's logs need it (bench/gpu_check.py)
             from torch.utils.tensorboard import SummaryWriter
@@ -166,11 +198,17 @@ class SearchRun:
             **self.architect.state_dict(),
             "loop": dataclasses.asdict(self.state),
             "rng": rng_states(self.rt.device),
+            "data": self.data_digest,
         }
 
     def _restore(self, saved: dict, path: Path) -> None:
-        self.space.load_state_dict(saved["model"])
-        self.architect.load_state_dict(saved)
+        try:
+            self.space.load_state_dict(saved["model"])
+            self.architect.load_state_dict(saved)
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise DintsError(path, f"does not fit this search's network ({first}); resume with the WORK folder and "
+                             "config the search began with, or start a new search with another --out") from None
         self.state = loop_state(saved["loop"], self.cfg, self.rt.world_size)
         if self.state.stopped_nonfinite:
             self.state.stopped_nonfinite = False
@@ -183,7 +221,10 @@ class SearchRun:
         over the ranks first, so the checkpoint holds the statistics of all the data seen."""
         self.rt.average_buffers(self.space)
         if self.rt.is_main:
-            save_checkpoint(self.ckpt_dir / f"{name}.pt", self._state_dict())
+            path = self.ckpt_dir / f"{name}.pt"
+            kept = (f"the previous {path.name} is unchanged (the search state it holds is intact); free space, then "
+                    "continue with --resume")
+            save_checkpoint(path, self._state_dict(), kept=kept)
 
     # ------------------------------------------------------------------------------------------------ steps
     def _batch(self, it: Iterator, stream_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,6 +337,8 @@ class SearchRun:
         resumable checkpoint). Returns the path of ``arch.json`` when the search is complete."""
         s = self.cfg.search
         total = s.iterations
+        if stop_after is not None and stop_after < 0:
+            raise DintsError("--stop-after", f"must be ≥ 0, got {stop_after}")
         end = total if stop_after is None else min(total, stop_after)
         warmup = warmup_iterations(total, s.warmup_fraction)
         weights_it = self._loader(WEIGHT_STREAM)
@@ -304,49 +347,55 @@ class SearchRun:
                    disable=not self.rt.is_main)
         wait = compute = 0.0
         logs: dict[str, torch.Tensor] = {}
-        while self.state.iteration < end:
-            t = self.state.iteration
-            t0 = time.perf_counter()
-            image, label = self._batch(weights_it, WEIGHT_STREAM)
-            t1 = time.perf_counter()
-            lr = weight_lr(t, total, warmup, self.architect.base_lr, s.lr_schedule, s.lr_decay_points, s.lr_min)
-            with self._explain_out_of_memory():
-                loss = self.weight_step(image, label, lr)
-            if loss is not None:
-                logs["loss/weights"] = loss
-            if t >= warmup:
-                arch_it = arch_it or self._loader(ARCH_STREAM)
-                t2 = time.perf_counter()
-                a_image, a_label = self._batch(arch_it, ARCH_STREAM)
-                t1 += time.perf_counter() - t2
-                ramp = regularizer_ramp(t, total, warmup)
+        try:
+            while self.state.iteration < end:
+                t = self.state.iteration
+                t0 = time.perf_counter()
+                image, label = self._batch(weights_it, WEIGHT_STREAM)
+                t1 = time.perf_counter()
+                lr = weight_lr(t, total, warmup, self.architect.base_lr, s.lr_schedule, s.lr_decay_points, s.lr_min)
                 with self._explain_out_of_memory():
-                    terms = self.arch_step(a_image, a_label, ramp)
-                if terms is not None:
-                    logs.update({f"loss/{k}": v for k, v in terms.items()})
-                    logs["search/ramp"] = torch.tensor(ramp)
-            t3 = time.perf_counter()
-            wait += t1 - t0
-            compute += t3 - t1
-            self.state.iteration += 1
-            bar.update(1)
-            done = self.state.iteration
-            if self.rt.is_main and (done % 10 == 0 or done == end):
-                self._log(logs, lr, wait / max(wait + compute, 1e-9), bar)
-            if self._nonfinite_stop is not None:
-                bar.close()
-                self._stop_nonfinite()
-            if done % s.val_interval == 0 or done == total:
-                with self._explain_out_of_memory("validation"):
-                    result = self.validate_and_decode()
-                if result["mean_dice"] > self.state.best_dice:
-                    self.state.best_dice = result["mean_dice"]
-                    self.save("best")
-                bar.set_postfix_str(f"val {validation_metric(self.plan)[0]} {result['mean_dice']:.3f}")
-            if done % s.checkpoint_interval == 0 or done == end:
-                self.save()
+                    loss = self.weight_step(image, label, lr)
+                if loss is not None:
+                    logs["loss/weights"] = loss
+                if t >= warmup:
+                    arch_it = arch_it or self._loader(ARCH_STREAM)
+                    t2 = time.perf_counter()
+                    a_image, a_label = self._batch(arch_it, ARCH_STREAM)
+                    t1 += time.perf_counter() - t2
+                    ramp = regularizer_ramp(t, total, warmup)
+                    with self._explain_out_of_memory():
+                        terms = self.arch_step(a_image, a_label, ramp)
+                    if terms is not None:
+                        logs.update({f"loss/{k}": v for k, v in terms.items()})
+                        logs["search/ramp"] = torch.tensor(ramp)
+                t3 = time.perf_counter()
+                wait += t1 - t0
+                compute += t3 - t1
+                self.state.iteration += 1
+                bar.update(1)
+                done = self.state.iteration
+                if self.rt.is_main and (done % 10 == 0 or done == end):
+                    self._log(logs, lr, wait / max(wait + compute, 1e-9), bar)
+                if self._nonfinite_stop is not None:
+                    bar.close()
+                    self._stop_nonfinite()
+                if done % s.val_interval == 0 or done == total:
+                    with self._explain_out_of_memory("validation"):
+                        result = self.validate_and_decode()
+                    if result["mean_dice"] > self.state.best_dice:
+                        self.state.best_dice = result["mean_dice"]
+                        self.save("best")
+                    bar.set_postfix_str(f"val {validation_metric(self.plan)[0]} {result['mean_dice']:.3f}")
+                if done % s.checkpoint_interval == 0 or done == end:
+                    self.save()
+        except BaseException:
+            bar.close()  # the error then starts a line of its own, not the progress bar's
+            raise
         bar.close()
         if self.state.iteration < total:
+            if self.state.iteration == 0:  # --stop-after 0: no iteration saved one; leave a checkpoint to resume
+                self.save()
             return None
         return self.finish()
 
@@ -402,9 +451,23 @@ class SearchRun:
             return path
         return self.out / "arch.json"
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the TensorBoard writer and release the run folder; after a failure (``failed``), a run folder this
+        search created is removed when it holds no checkpoint to resume from."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.lock is not None:
+            if failed:
+                discard_if_new(self.lock, lambda folder: has_checkpoint(folder / "checkpoints" / "last.pt"))
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> SearchRun:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.close(failed=kind is not None)
 
 
 def _nanmean(values: list[float]) -> float:

@@ -74,6 +74,21 @@ def check_resumable_config(saved: dict, cfg: Config, path: Path) -> None:
             f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items()), stacklevel=2)
 
 
+def check_same_data(saved: dict, digest: dict[str, str], path: Path, work: Path) -> None:
+    """Refuse a resume whose prepared data differ from the checkpoint's: a WORK folder prepared again (other
+    ``--folds`` or seed: another split) or another task would continue the search on other cases and quietly give
+    another ``arch.json``. Checkpoints written before the digest was recorded are not checked."""
+    then = saved.get("data")
+    if not isinstance(then, dict):
+        return
+    for key, why in (("datalist", "its cases or their split changed"), ("plan", "the preprocessing changed")):
+        if then.get(key) != digest.get(key):
+            raise DintsError(path, f"was written on other prepared data: {work / (key + '.json')} differs from the one "
+                             f"this search began with ({why}: prepared again, e.g. with other --folds, or another "
+                             "task); resume with the WORK folder it began with, or start a new search with another "
+                             "--out")
+
+
 def restore_rng(saved: dict, device: torch.device, path: Path) -> None:
     """Python, numpy, torch and CUDA generators as they were when ``saved`` was written."""
     states = saved.get("rng")

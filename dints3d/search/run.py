@@ -41,11 +41,10 @@ def wants_resume(mode: str | None, out: str | Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(config_path(args.config), args.overrides, args.overlays)
     runtime = init_runtime(cfg.device)
-    search = SearchRun(cfg, args.work, args.out, runtime, resume=wants_resume(args.resume, args.out))
     try:
-        arch_path = search.run(stop_after=args.stop_after)
+        with SearchRun(cfg, args.work, args.out, runtime, resume=wants_resume(args.resume, args.out)) as search:
+            arch_path = search.run(stop_after=args.stop_after)
     finally:
-        search.close()
         runtime.close()
     if runtime.is_main:
         if arch_path is None:

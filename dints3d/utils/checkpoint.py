@@ -14,12 +14,12 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from dints3d.utils.errors import DintsError
-from dints3d.utils.io import atomic_path
+from dints3d.utils.io import atomic_file
 
 
 class CorruptCheckpoint(ValueError):
@@ -77,16 +77,43 @@ def content_digest(state: Any) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` (tensors, numbers, strings, lists, dicts only) and its digest to ``path``."""
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], kept: str | None = None) -> Path:
+    """Atomically write ``state`` (tensors, numbers, strings, lists, dicts only) and its digest to ``path``. A failed
+    write (a full disk) raises :class:`DintsError` naming ``path``; ``kept`` says what is still intact (default: the
+    previous checkpoint)."""
     path = Path(path)
 
     def keep_previous() -> None:  # runs once the new checkpoint is fsynced: the old one is touched only then
         if path.exists():
             _keep_as_previous(path)
 
-    with atomic_path(path, before_rename=keep_previous) as tmp:
-        torch.save({**state, "digest": content_digest(state)}, tmp)
+    kept = kept or f"the previous {path.name} is unchanged"
+    with atomic_file(path, before_rename=keep_previous, kept=kept) as f:
+        torch_save({**state, "digest": content_digest(state)}, f)
+    return path
+
+
+def torch_save(obj: Any, f: IO[bytes]) -> None:
+    """``torch.save(obj, f)`` whose failure to write (a full disk) is the ``OSError`` the file raised: torch's zip
+    writer turns it into "RuntimeError: [enforce fail at inline_container.cc] unexpected pos" (always, writing to a
+    path), which :func:`~dints3d.utils.io.atomic_file` could not tell from a bug."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def write_torch(path: str | os.PathLike, obj: Any, kept: str | None = None) -> Path:
+    """Atomically ``torch.save`` ``obj`` to ``path`` (:func:`torch_save`); a failed write is one line naming
+    ``path`` (``kept``: what is still intact)."""
+    path = Path(path)
+    with atomic_file(path, kept=kept or f"the previous {path.name} is unchanged") as f:
+        torch_save(obj, f)
     return path
 
 
@@ -109,6 +136,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise DintsError(path, "checkpoint not found")
     problems = []
     for candidate in (path, previous):
+        if candidate.exists() and not candidate.is_file():
+            raise DintsError(candidate, "is not a file (a folder?) where a checkpoint should be; move it away, then "
+                             "resume")
         if not candidate.exists():
             problems.append(f"{candidate.name}: missing")
             continue

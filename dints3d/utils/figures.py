@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dints3d.utils.io import write_atomic
+from dints3d.utils.io import write_stream
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,5 +34,5 @@ def new_figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, dpi
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write a PNG atomically."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_stream(path, lambda f: fig.savefig(f, format="png"))
     return Path(path)

@@ -1,5 +1,9 @@
-"""Atomic writes: every state file (JSON, YAML, checkpoints) is written to a temporary file in the same folder,
-flushed and fsynced, then renamed over the target, so a killed process leaves either the old or the new file."""
+"""Atomic writes: every state file (JSON, YAML, checkpoints, images) is written to a temporary file in the same
+folder, flushed and fsynced, then renamed over the target, so a killed process leaves either the old or the new file.
+
+Every file dints3d writes is opened by :func:`temporary_file` (tests replace it to simulate a full disk or a
+read-only file system), and an ``OSError`` while writing becomes one line naming the target
+(:func:`dints3d.utils.outputs.cannot_write`) while the file already there stays as it was."""
 
 from __future__ import annotations
 
@@ -10,38 +14,94 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
 import yaml
 
 from dints3d.utils.errors import DintsError
+from dints3d.utils.outputs import KEPT, cannot_write
+
+
+def temporary_file(folder: Path, name: str) -> tuple[IO[bytes], Path]:
+    """A new hidden file ``folder/.<name>.<random>.tmp`` open for binary writing, and its path: where every file
+    dints3d writes starts."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return open(tmp, "wb"), Path(tmp)  # reopened by path: the file's ``name`` is its path (for messages, tests)
+
+
+def probe_writable(folder: Path) -> None:
+    """Write and remove a temporary file in ``folder`` (OSError if that is impossible)."""
+    f, tmp = temporary_file(folder, "write-test")
+    try:
+        f.close()
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _refuse_folder(target: Path) -> None:
+    if target.is_dir():
+        raise DintsError(target, "is a folder where a file should be written; move it away (nothing was written)")
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success fsync it, call ``before_rename()`` (the new file is then
-    complete on disk, e.g. to keep the old ``target`` elsewhere) and rename it over ``target``."""
+def atomic_file(target: str | os.PathLike, before_rename: Callable[[], None] | None = None,
+                kept: str = KEPT) -> Iterator[IO[bytes]]:
+    """Yield a binary file open on a temporary path next to ``target``; on success flush and fsync it, call
+    ``before_rename()`` (the new file is then complete on disk, e.g. to keep the old ``target`` elsewhere) and rename
+    it over ``target``. An ``OSError`` on the way becomes :class:`DintsError` naming ``target`` (``kept``: what is still
+    intact); ``target`` is then unchanged."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    _refuse_folder(target)
+    tmp = None
     try:
-        yield tmp_path
-        # mkstemp creates 0600; the result gets the permissions a plain open() would have given
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        with open(tmp_path, "rb") as f:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f, tmp = temporary_file(target.parent, target.name)
+        with f:
+            yield f
+            f.flush()
             os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        _move_into_place(tmp, target, before_rename)
+    except OSError as e:
+        raise cannot_write(target, e, kept) from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, before_rename: Callable[[], None] | None = None,
+                kept: str = KEPT) -> Iterator[Path]:
+    """:func:`atomic_file` for writers that need a path: yield the temporary path (an empty file) to write."""
+    target = Path(target)
+    _refuse_folder(target)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f, tmp = temporary_file(target.parent, target.name)
+        f.close()
+        yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        _move_into_place(tmp, target, before_rename)
+    except OSError as e:
+        raise cannot_write(target, e, kept) from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _move_into_place(tmp: Path, target: Path, before_rename: Callable[[], None] | None) -> None:
+    # mkstemp creates 0600; the result gets the permissions a plain open() would have given
+    os.chmod(tmp, 0o666 & ~umask())
+    if before_rename is not None:
+        before_rename()
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for more than an instant)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -56,28 +116,40 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_atomic(target: str | os.PathLike, write: Callable[[Path], None], kept: str = KEPT) -> Path:
     """Call ``write(tmp_path)`` and atomically move the result to ``target``."""
-    with atomic_path(target) as tmp:
+    with atomic_path(target, kept=kept) as tmp:
         write(tmp)
     return Path(target)
 
 
-def write_json(target: str | os.PathLike, data: Any, indent: int = 2) -> Path:
+def write_stream(target: str | os.PathLike, write: Callable[[IO[bytes]], None], kept: str = KEPT) -> Path:
+    """Call ``write(file)`` (a binary file open for writing) and atomically move the result to ``target``."""
+    with atomic_file(target, kept=kept) as f:
+        write(f)
+    return Path(target)
+
+
+def write_bytes(target: str | os.PathLike, data: bytes, kept: str = KEPT) -> Path:
+    """Atomically write ``data``."""
+    return write_stream(target, lambda f: f.write(data), kept)
+
+
+def write_json(target: str | os.PathLike, data: Any, indent: int = 2, kept: str = KEPT) -> Path:
     """Atomically write ``data`` as human-readable JSON."""
     text = json.dumps(data, indent=indent, sort_keys=False, allow_nan=False) + "\n"
-    return write_atomic(target, lambda p: p.write_text(text))
+    return write_bytes(target, text.encode(), kept)
 
 
-def write_text(target: str | os.PathLike, text: str) -> Path:
-    """Atomically write a text file."""
-    return write_atomic(target, lambda p: p.write_text(text))
+def write_text(target: str | os.PathLike, text: str, kept: str = KEPT) -> Path:
+    """Atomically write a text file (UTF-8)."""
+    return write_bytes(target, text.encode(), kept)
 
 
-def write_yaml(target: str | os.PathLike, data: Any) -> Path:
+def write_yaml(target: str | os.PathLike, data: Any, kept: str = KEPT) -> Path:
     """Atomically write ``data`` as block-style YAML."""
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
-    return write_atomic(target, lambda p: p.write_text(text))
+    return write_bytes(target, text.encode(), kept)
 
 
 def write_texts_together(folder: str | os.PathLike, texts: Mapping[str, str]) -> list[Path]:
@@ -95,17 +167,18 @@ def write_texts_together(folder: str | os.PathLike, texts: Mapping[str, str]) ->
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
             current = folder / name
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-            temps[current] = Path(tmp)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            _refuse_folder(current)
+            f, tmp = temporary_file(folder, name)
+            temps[current] = tmp
+            with f:
+                f.write(text.encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~umask())
         current = folder
         _rename_all(temps)
     except OSError as e:
-        raise DintsError(current, f"cannot write ({e.strerror or e}); the files already there are unchanged") from None
+        raise cannot_write(current, e, "the files already there are unchanged") from None
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
@@ -159,9 +232,26 @@ def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     text = read_text(path)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise DintsError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except DuplicateKey as e:
+        raise DintsError(path, f"invalid JSON: {e} (the last would silently win); keep one") from None
+    except RecursionError:
+        raise DintsError(path, "invalid JSON: nested too deeply to read") from None
+
+
+class DuplicateKey(ValueError):
+    """A JSON object or YAML mapping that names one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKey(f"key '{key}' appears twice in one object")
+        result[key] = value
+    return result
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
@@ -170,6 +260,8 @@ def read_yaml(path: str | os.PathLike) -> Any:
     text = read_text(path)
     try:
         return load_yaml_text(text)
+    except RecursionError:
+        raise DintsError(path, "invalid YAML: nested too deeply to read") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -179,7 +271,25 @@ def read_yaml(path: str | os.PathLike) -> Any:
 class YamlLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that reads scientific notation as YAML 1.2 does: ``1e-3``, ``1.0e30``, ``-2E+5`` and ``.5e1``
     are floats (YAML 1.1, which PyYAML follows, wants a dot and a signed exponent, so ``1e-3`` would be the string
-    ``'1e-3'``). Every YAML 1.1 float stays a float, and integers stay integers."""
+    ``'1e-3'``). Every YAML 1.1 float stays a float, and integers stay integers. A mapping that names a key twice is
+    an error (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found duplicate key '{key}'", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"

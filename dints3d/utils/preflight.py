@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from dints3d.utils.errors import DintsError
+from dints3d.utils.io import probe_writable
+from dints3d.utils.outputs import check_output_folder, describe_os_error
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
     """Create ``folder`` if needed and prove a file can be written in it."""
     folder = Path(folder)
+    check_output_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        probe_writable(folder)
     except OSError as e:
-        raise DintsError(folder, f"cannot write here ({e.strerror or e})") from None
+        raise DintsError(folder, f"cannot write here ({describe_os_error(e)})") from None
     return folder
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from support import parse
 
 from dints3d.bundle.infer import infer
-from dints3d.bundle.runner import launcher
+from dints3d.bundle.runner import launcher, shown_command
 from dints3d.bundle.train import train
 from dints3d.cli import main
 from dints3d.spaces.factory import load_architecture
@@ -57,7 +58,9 @@ def test_two_process_inference_writes_each_mask_once_and_equals_one_process(bund
     two = infer(bundle, [images], tmp_path / "two", sets, log=tmp_path / "two.log", nproc=2)
     assert two.returncode == 0 and not two.failures, (tmp_path / "two.log").read_text()[-3000:]
     written = re.findall(r"writing: (\S+)", (tmp_path / "two.log").read_text())
-    assert sorted(written) == sorted(str(mask) for mask in two.masks.values()) and len(written) == 3
+    # written once each (into OUT's hidden partial folder, then moved into OUT)
+    assert sorted(Path(w).name for w in written) == sorted(mask.name for mask in two.masks.values())
+    assert len(written) == 3 and all(mask.parent == tmp_path / "two" for mask in two.masks.values())
 
     one = infer(bundle, [images], tmp_path / "one", sets, log=tmp_path / "one.log")
     assert one.returncode == 0 and len(one.masks) == 3
@@ -72,8 +75,12 @@ def test_two_process_inference_writes_each_mask_once_and_equals_one_process(bund
 
 
 def test_launcher_and_nproc_option(bundle, tmp_path, capsys):
-    assert launcher(1)[1:] == ["-m"]
-    assert launcher(3)[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
+    # every process starts through the guard that makes it die with its parent (dints3d.utils.processes)
+    assert launcher(1)[1:] == ["-m", "dints3d.utils.processes"]
+    assert launcher(3)[1:] == ["-m", "dints3d.utils.processes", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=3", "-m", "dints3d.utils.processes"]
+    assert shown_command([*launcher(3), "monai.bundle", "run"]) == ["torchrun", "--standalone", "--nproc_per_node=3",
+                                                                    "-m", "monai.bundle", "run"]
     with pytest.raises(DintsError, match="--nproc: must be ≥ 1"):
         launcher(0)
     assert main(["infer", str(bundle), "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--nproc", "0"]) == 2

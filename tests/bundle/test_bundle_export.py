@@ -5,6 +5,7 @@ carry the plan's values and preprocess exactly like dints3d. Every bundle test b
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -152,6 +153,21 @@ def test_refuses_a_non_empty_folder_unless_forced(bundle, tiny, tmp_path):
     assert not (tmp_path / "out" / "keep.txt").exists()
     assert (tmp_path / "out" / "configs" / "metadata.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
+
+
+def test_an_exported_bundle_follows_the_umask(bundle, tiny, tmp_path):
+    """Assembled in a temporary folder (mkdtemp: 0700), the bundle still gets the permissions every other output
+    gets from the umask."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = export_bundle(bundle / "models" / "arch.json", bundle.parent / "work", tmp_path / "shared",
+                            load_config(config_path("demo"), tiny.bundle))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")} == {0o755, 0o644}
 
 
 def test_cli_export_and_bad_patch(bundle, tmp_path, capsys):

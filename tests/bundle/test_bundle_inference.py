@@ -15,7 +15,8 @@ import pytest
 import torch
 from support import BLOCK_DINTS3D, parse
 
-from dints3d.bundle.input_checks import check_image, collect_inputs
+from dints3d.bundle import runner
+from dints3d.bundle.input_checks import NetworkInput, check_image, collect_inputs
 from dints3d.cli import main
 
 
@@ -135,28 +136,139 @@ def bad_inputs(tmp_path) -> dict[str, Path]:
     return paths
 
 
-def test_check_image_names_the_problem(bad_inputs):
-    assert "wrong channel count: 2 channel(s)" in check_image(bad_inputs["channels"], 1)
-    assert check_image(bad_inputs["channels"], 2) is None
-    assert "wrong dimensionality" in check_image(bad_inputs["dims"], 1)
-    assert "truncated or corrupt" in check_image(bad_inputs["truncated"], 1)
-    assert "unreadable" in check_image(bad_inputs["garbage"], 1)
-    files, problems = collect_inputs([bad_inputs["dims"].parent, bad_inputs["dims"], "missing.nii.gz"])
+def _with_sform(path: Path, data: np.ndarray, sform: np.ndarray) -> Path:
+    """A NIfTI whose header holds ``sform`` as it is (nibabel cannot build an image from a singular affine)."""
+    header = nib.Nifti1Image(data, np.eye(4)).header
+    header.set_qform(None, code=0)
+    for axis, row in enumerate(("srow_x", "srow_y", "srow_z")):
+        header[row] = sform[axis]
+    header["sform_code"] = 1
+    nib.save(nib.Nifti1Image(data, None, header=header), path)
+    return path
+
+
+@pytest.fixture
+def geometry_inputs(tmp_path) -> dict[str, Path]:
+    """Images ``prepare`` refuses, whose headers look fine to a loader: NaN voxels, a zero spacing, a NaN origin, a
+    spacing 10⁴ times too coarse (resampled to 1 mm it would need petabytes)."""
+    folder = tmp_path / "geometry"
+    folder.mkdir()
+    data = np.random.default_rng(1).normal(size=(20, 20, 20)).astype(np.float32)
+    with_nan = data.copy()
+    with_nan[3, 4, 5] = np.nan
+    zero, nan_origin = np.eye(4), np.eye(4)
+    zero[0, 0] = 0.0
+    nan_origin[1, 3] = np.nan
+    return {"nan": _save(folder / "nan_voxel.nii.gz", with_nan),
+            "zero": _with_sform(folder / "zero_spacing.nii.gz", data, zero),
+            "origin": _with_sform(folder / "nan_origin.nii.gz", data, nan_origin),
+            "absurd": _with_sform(folder / "absurd_spacing.nii.gz", data, np.diag([1e4, 1e4, 1e4, 1.0]))}
+
+
+#: what check_image says about each of :func:`geometry_inputs` (the words of prepare's own checks)
+GEOMETRY_PROBLEMS = {"nan": "image contains 1 NaN or infinite voxels", "zero": "has a zero axis",
+                     "origin": "NaN or infinite values in its origin", "absurd": "GiB per channel, more than 8"}
+
+
+def test_check_image_names_the_problem(bad_inputs, geometry_inputs):
+    one = NetworkInput(1, target_spacing=(1.0, 1.0, 1.0))
+    assert "wrong channel count: 2 channel(s)" in check_image(bad_inputs["channels"], one)
+    assert check_image(bad_inputs["channels"], NetworkInput(2)) is None
+    assert "wrong dimensionality" in check_image(bad_inputs["dims"], one)
+    assert "truncated or corrupt" in check_image(bad_inputs["truncated"], one)
+    assert "unreadable" in check_image(bad_inputs["garbage"], one)
+    for key, problem in GEOMETRY_PROBLEMS.items():
+        assert problem in check_image(geometry_inputs[key], one), key
+    files, problems = collect_inputs([bad_inputs["dims"].parent, bad_inputs["dims"], "missing.nii.gz",
+                                      "images/*.nii.gz"])
     assert len(files) == 4 and "same case name" in problems[bad_inputs["dims"]]
     assert problems[Path("missing.nii.gz")] == "file not found"
+    assert problems[Path("images/*.nii.gz")] == ("file not found (a pattern no shell expanded: give the folder, or "
+                                                 "unquoted file names)")
 
 
-def test_infer_skips_bad_inputs_and_processes_the_rest(bundle, bad_inputs, tmp_path, capsys):
+def test_infer_skips_bad_inputs_and_processes_the_rest(bundle, bad_inputs, geometry_inputs, tmp_path, capsys):
     folder = bad_inputs["dims"].parent
     good = sorted((bundle.parent / "task" / "imagesTs").glob("*.nii.gz"))[0]
     (folder / good.name).write_bytes(good.read_bytes())
+    for path in geometry_inputs.values():  # prepare's checks apply: an absurd spacing no longer kills the whole run
+        path.rename(folder / path.name)
+    bad_inputs.update({key: folder / path.name for key, path in geometry_inputs.items()})
     status = main(["infer", str(bundle), "--input", str(folder), "--out", str(tmp_path / "out"),
                    "--set", "sw_overlap=0.25"])
     err = capsys.readouterr().err
     assert status == 1
     for key, reason in (("channels", "wrong channel count"), ("dims", "wrong dimensionality"),
-                        ("truncated", "truncated or corrupt"), ("garbage", "unreadable")):
+                        ("truncated", "truncated or corrupt"), ("garbage", "unreadable"), *GEOMETRY_PROBLEMS.items()):
         lines = [line for line in err.splitlines() if line.startswith(f"error: {bad_inputs[key]}: ") and reason in line]
         assert len(lines) == 1, err
-    assert "4 input(s) not segmented" in err
+    assert "8 input(s) not segmented" in err
     assert [p.name for p in (tmp_path / "out").iterdir()] == [good.name.replace(".nii.gz", "_seg.nii.gz")]
+
+
+def test_nothing_to_segment_is_one_line(bundle, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["infer", str(bundle), "--input", str(empty), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {empty}: no NIfTI files (*.nii, *.nii.gz) in this "
+                                                        "folder; nothing to segment")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("missing", "no trained model here: train the bundle first"),
+    ("empty", "is empty (0 bytes"),
+    ("truncated", "cannot be read as trained weights (truncated or corrupt?"),
+])
+def test_missing_truncated_or_empty_weights_are_one_line(bundle, tmp_path, capsys, damage, problem):
+    weights = tmp_path / "model.pt"
+    if damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "truncated":
+        weights.write_bytes((bundle / "models" / "model.pt").read_bytes()[:2000])
+    good = sorted((bundle.parent / "task" / "imagesTs").glob("*.nii.gz"))[0]
+    assert main(["infer", str(bundle), "--input", str(good), "--out", str(tmp_path / "out"), "--set",
+                 f"ckpt_path={weights}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {weights}: {problem}") and len(err.splitlines()) == 1, err
+
+
+def test_infer_set_keys_and_types_are_checked(bundle, tmp_path, capsys):
+    good = sorted((bundle.parent / "task" / "imagesTs").glob("*.nii.gz"))[0]
+    for setting, problem in (("sw_overlapp=0.25", "unknown setting 'sw_overlapp'; did you mean 'sw_overlap'?"),
+                             ("sw_batch_size=two", "'sw_batch_size' must be an integer (it is 1), got 'two'")):
+        assert main(["infer", str(bundle), "--input", str(good), "--out", str(tmp_path / "out"), "--set",
+                     setting]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --set: {problem}")
+
+
+#: ``monai.bundle run`` whose NIfTI writes of the case named argv[1] hit a full disk: an empty file, then ENOSPC
+FULL_DISK = """
+import errno, os, runpy, sys
+import nibabel
+case, real_save = sys.argv.pop(1), nibabel.save
+def save(image, filename, *args, **kwargs):
+    if os.path.basename(str(filename)).startswith(case):
+        open(filename, "wb").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+    return real_save(image, filename, *args, **kwargs)
+nibabel.save = save
+sys.argv = sys.argv[1:]
+runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_full_disk_leaves_no_empty_mask_and_the_other_cases_are_segmented(bundle, tmp_path, capsys, monkeypatch):
+    """The disk fills while the first case's mask is written: that mask is neither left (0 bytes) nor counted, the
+    case is reported, and the bundle runs again for the cases after it."""
+    images = sorted((bundle.parent / "task" / "imagesTs").glob("*.nii.gz"))
+    first = images[0].name.replace(".nii.gz", "")
+    monkeypatch.setattr(runner, "launcher", lambda nproc: [sys.executable, "-c", FULL_DISK, first])
+    out = tmp_path / "out"
+    assert main(["infer", str(bundle), "--input", *map(str, images), "--out", str(out), "--set",
+                 "sw_overlap=0.25"]) == 1
+    captured = capsys.readouterr()
+    assert f"wrote {len(images) - 1} mask(s)" in captured.out
+    assert f"error: {images[0]}: the bundle run failed on this case" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == [p.name.replace(".nii.gz", "_seg.nii.gz") for p in images[1:]]
+    assert all(nib.load(p).shape for p in out.iterdir())  # every mask there is complete

@@ -4,6 +4,7 @@ models/model.pt and a checkpoint that ``--resume`` continues (refusing changed s
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,8 @@ def test_preflight_errors_are_one_line_before_any_work(fresh, tmp_path, capsys, 
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert fails("--set", f"ckpt_dir={blocker / 'models'}").startswith(f"error: {blocker / 'models'}: cannot write")
+    assert fails("--set", f"ckpt_dir={blocker / 'models'}") == (f"error: {blocker / 'models'}: cannot create the "
+                                                                f"output folder: {blocker} is a file, not a folder")
     assert fails("--set", "patch_size=[40,40,40]") == ("error: patch_size: [40, 40, 40] must be 3 positive multiples "
                                                        "of 16 for this architecture (3 depths); set it with --set "
                                                        "patch_size=[..]")
@@ -147,7 +149,7 @@ def test_preflight_errors_are_one_line_before_any_work(fresh, tmp_path, capsys, 
 def test_device_and_resume_reach_the_bundle_run(fresh, monkeypatch, capsys):
     """What `dints3d train` hands to `monai.bundle run`: the resume mode, and for --device cpu hidden GPUs."""
     runs = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: runs.append((cmd, kw.get("env"))) or
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: runs.append((cmd, kw.get("env"), kw)) or
                         subprocess.CompletedProcess(cmd, 0))
     assert main(["train", str(fresh), "--device", "cpu"]) == 0
     assert main(["train", str(fresh), "--resume", "auto"]) == 0
@@ -156,15 +158,20 @@ def test_device_and_resume_reach_the_bundle_run(fresh, monkeypatch, capsys):
     assert main(["train", str(fresh), "--resume"]) == 0
     work = fresh.parent / "work"
     assert main(["train", str(fresh), "--resume", "--work", str(work)]) == 0
-    modes = [cmd[cmd.index("--resume_mode") + 1] for cmd, _ in runs]
+    modes = [cmd[cmd.index("--resume_mode") + 1] for cmd, _, _ in runs]
     assert modes == ["never", "never", "same_settings", "same_settings", "same_settings"]
     # --work: the prepared folder's datalist and the task it names, instead of the bundle's own copy
     with_work = runs[-1][0]
     assert with_work[with_work.index("--datalist_file") + 1] == str(work / "datalist.json")
     assert with_work[with_work.index("--dataset_dir") + 1] == str(fresh.parent / "task")
     assert "--datalist_file" not in runs[0][0] and "--dataset_dir" not in runs[0][0]
-    assert runs[0][1]["CUDA_VISIBLE_DEVICES"] == "" and runs[1][1] is None
+    assert runs[0][1]["CUDA_VISIBLE_DEVICES"] == ""
+    assert runs[1][1].get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
     assert "running: CUDA_VISIBLE_DEVICES='' python -m monai.bundle run" in capsys.readouterr().out
+    # the child starts through the guard that makes it die with dints3d, and inherits the lock on models/
+    cmd, env, options = runs[0]
+    assert cmd[1:4] == ["-m", "dints3d.utils.processes", "monai.bundle"] and env["DINTS3D_PARENT_PID"] == str(os.getpid())
+    assert len(options["pass_fds"]) == 1
 
 
 def test_a_bundle_exported_before_the_layout_change_is_refused_with_one_line(fresh, tmp_path, capsys):
@@ -181,3 +188,61 @@ def test_a_bundle_exported_before_the_layout_change_is_refused_with_one_line(fre
     err = _error(capsys)
     assert err.startswith(f"error: {train_yaml}: names dints3d.training.") and "export it again" in err
     assert not (old / "models" / "model.pt").exists()
+
+
+def test_bundle_settings_are_checked_like_config_keys(fresh, capsys):
+    """`--set` ids of a bundle: unknown ones (a typo would be added and ignored by `monai.bundle run`, and a 10-minute
+    default run would follow) and values of another type are refused before anything runs."""
+    for setting, problem in (
+            ("num_iteration=8", "unknown setting 'num_iteration'; did you mean 'num_iterations'?"),
+            ("nosuchkey=3", "unknown setting 'nosuchkey'; no id of the bundle's configs is close"),
+            ("num_iterations=abc", "'num_iterations' must be an integer (it is 2), got 'abc'"),
+            ("num_iterations=1e3", "'num_iterations' must be an integer (it is 2), got 1000.0"),
+            ("amp=1", "'amp' must be true or false (it is False), got 1"),
+            ("patch_size=32", "'patch_size' must be a list such as [1, 2, 3] (it is [32, 32, 32]), got 32"),
+            ("train#trainer#max_epochz=3", "unknown setting 'train#trainer#max_epochz'; did you mean "
+                                           "'train#trainer#max_epochs'?"),
+            ("sw_overlap=2e", "'sw_overlap' must be a finite number (it is 0.625), got '2e'")):
+        assert main(["train", str(fresh), "--set", setting]) == 2
+        err = _error(capsys)
+        assert err.startswith(f"error: --set: {problem}"), err
+    assert not list((fresh / "models").glob("*.pt"))
+
+
+def test_work_of_another_task(fresh, prepared_task, monkeypatch, capsys):
+    """--work of a task the network cannot take (2 channels, 4 classes for a 1-channel, 3-class bundle) is refused;
+    one it can take is trained on that task's own images (dataset_dir follows WORK), not the bundle's task's."""
+    other = prepared_task(folds=2, cases=4, test_cases=0, size=20, seed=5, modalities=2, classes=3)
+    assert main(["train", str(fresh), "--work", str(other.work)]) == 2
+    assert _error(capsys) == (f"error: {other.work}: is prepared for 2 channel(s) and 4 classes (Synthetic), but the "
+                              f"bundle's network takes 1 and 3: export a bundle for this task (dints3d export --work "
+                              f"{other.work})")
+
+    same_shape = prepared_task(folds=2, cases=4, test_cases=0, size=20, seed=5)
+    runs = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: runs.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert main(["train", str(fresh), "--work", str(same_shape.work)]) == 0
+    cmd = runs[0]
+    assert cmd[cmd.index("--datalist_file") + 1] == str(same_shape.work.absolute() / "datalist.json")
+    assert cmd[cmd.index("--dataset_dir") + 1] == str(same_shape.task.resolve())
+
+
+def test_task_moved_after_prepare_is_one_line_naming_the_case(fresh, capsys):
+    """A task folder moved away: one line naming dataset_dir; one case missing from it: one line naming the case."""
+    task = fresh.parent / "task"
+    task.rename(fresh.parent / "moved")
+    assert main(["train", str(fresh)]) == 2
+    assert _error(capsys).startswith(f"error: {fresh / '..' / 'task'}: dataset_dir: no such folder")
+    missing = sorted((fresh.parent / "moved" / "imagesTr").glob("*.nii.gz"))[0]
+    missing.rename(missing.with_name("elsewhere.nii"))
+    assert main(["train", str(fresh), "--set", f"dataset_dir={fresh.parent / 'moved'}"]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"error: {missing}") and " of case 'synthetic_" in err
+    assert "not found: the task folder moved; pass its location with --set dataset_dir=FOLDER or --work WORK" in err
+    assert not list((fresh / "models").glob("*.pt"))
+    missing.with_name("elsewhere.nii").rename(missing)
+    runs = []
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(subprocess, "run", lambda cmd, **kw: runs.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+        assert main(["train", str(fresh), "--set", f"dataset_dir={fresh.parent / 'moved'}"]) == 0
+    assert runs[0][runs[0].index("--dataset_dir") + 1] == str(fresh.parent / "moved")

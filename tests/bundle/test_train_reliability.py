@@ -16,6 +16,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
+from support import alive, children, wait_until
 
 from dints3d.bundle import runner
 from dints3d.bundle.export import relocate
@@ -30,6 +31,7 @@ from dints3d.bundle.train import train
 from dints3d.cli import main
 from dints3d.cost.memory import meta_network, predict_training_memory
 from dints3d.spaces.factory import load_architecture
+from dints3d.utils.lock import lock_folder
 
 #: 3 epochs of 2 iterations: a checkpoint_epoch=N.pt and a validation after each
 RUN = ["num_iterations=6", "epoch_length=2", "sw_overlap=0.25"]
@@ -45,16 +47,16 @@ KILLER = textwrap.dedent('''
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     if point == "write":
         real_save, seen = torch.save, [0]
-        def save(obj, f, *a, **k):
-            if what in os.path.basename(str(f)):
+        def save(obj, f, *a, **k):  # f: a path, or a file open on the temporary file of an atomic write
+            if what in os.path.basename(str(getattr(f, "name", f))):
                 seen[0] += 1
                 if seen[0] == at:
                     buffer = io.BytesIO()
                     real_save(obj, buffer, *a, **k)
-                    with open(f, "wb") as out:
-                        out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-                        out.flush()
-                        os.fsync(out.fileno())
+                    out = f if hasattr(f, "write") else open(f, "wb")
+                    out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                    out.flush()
+                    os.fsync(out.fileno())
                     die()
             return real_save(obj, f, *a, **k)
         torch.save = save
@@ -173,6 +175,30 @@ def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(tem
     assert again.returncode == 0, again.stderr[-3000:]
     assert "checkpoint_epoch=3.pt is unreadable" in again.stderr and "previous checkpoint" in again.stderr
     _assert_same_tensors(_load(models / "checkpoint_epoch=3.pt")["model"], reference["model"])
+
+
+def test_sigkill_of_dints3d_train_takes_its_bundle_run_along(template, tmp_path):
+    """SIGKILL cannot be caught or forwarded: the `monai.bundle run` child asked the kernel to die with its parent, so
+    no orphan trains on (writing model.pt, or racing a `train --resume` on the same models/), and the folder's lock,
+    which the child inherited, is free again once both are gone."""
+    bundle = _copy(template, tmp_path / "bundle")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-m", "dints3d", "train", str(bundle), "--set", "num_iterations=1000",
+                               "--set", "val_interval=500"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: children(parent.pid), 120, "the bundle run")
+        (child,) = children(parent.pid)
+        assert "monai.bundle" in Path(f"/proc/{child}/cmdline").read_text()
+        wait_until(lambda: "libtorch" in Path(f"/proc/{child}/maps").read_text(), 120, "the bundle run to load torch")
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        wait_until(lambda: not alive(child), 15, f"the orphaned bundle run {child} to die")
+    finally:
+        if parent.poll() is None:
+            os.kill(parent.pid, signal.SIGKILL)
+    lock_folder(bundle / "models").release()  # nobody holds models/ any more
+    assert not (bundle / "models" / "model.pt").exists()
 
 
 def test_garbled_checkpoints_stop_with_one_line_naming_the_file(tmp_path):

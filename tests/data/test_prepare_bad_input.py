@@ -151,10 +151,85 @@ def duplicate_in_test_set(task):
     return _edit_json(task, lambda d: d["test"].append("./imagesTs/synthetic_002.nii.gz")), problem
 
 
+def constant_image(task):
+    return _rewrite(task, IMAGE, lambda a, aff: (np.full_like(a, 50), aff)), "image is constant (every voxel is 50)"
+
+
+def constant_foreground(task):
+    """Every training image's foreground is one value (the background still varies): no CT intensity range."""
+    for case in json.loads((task / "dataset.json").read_text())["training"]:
+        label = np.asanyarray(nib.load(task / case["label"]).dataobj)
+        _rewrite(task, case["image"], lambda a, aff: (np.where(label > 0, 50, a).astype(a.dtype), aff))
+    return task / "dataset.json", "are (almost) all one value: their 0.5–99.5 percentile range is [50, 50]"
+
+
+def _header_rewrite(task: Path, rel: str, change) -> Path:
+    """Replace a NIfTI's sform by ``change(sform)`` in its header (nibabel cannot build an image from an affine
+    without a decomposition, so the header is edited directly; the qform is cleared)."""
+    path = task / rel
+    img = nib.load(path)
+    header = img.header.copy()
+    sform = change(img.affine.copy())
+    header.set_qform(None, code=0)
+    for axis, row in enumerate(("srow_x", "srow_y", "srow_z")):
+        header[row] = sform[axis]
+    header["sform_code"] = 1
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), None, header=header), path)
+    return path
+
+
+def zero_spacing(task):
+    def zero_column(aff):
+        aff[:3, 0] = 0.0
+        return aff
+    return _header_rewrite(task, IMAGE, zero_column), "has a zero axis (a zero column in the header's sform/qform)"
+
+
+def nan_origin(task):
+    def nan(aff):
+        aff[0, 3] = np.nan
+        return aff
+    return _header_rewrite(task, IMAGE, nan), "affine (sform/qform) has NaN or infinite values in its origin"
+
+
+def outlier_spacing(task):
+    """One case's header says 10⁴ times the others' spacing: resampled, it would need petabytes."""
+    def coarse(a, aff):
+        aff[:3, :3] *= 1e4
+        return a, aff
+    _rewrite(task, LABEL, coarse)
+    return _rewrite(task, IMAGE, coarse), "GiB per channel, more than 8); check the voxel size in the header"
+
+
+def image_as_label(task):
+    shutil.copyfile(task / IMAGE, task / LABEL)
+    return task / LABEL, "undeclared values in all; is this an image rather than a label map?)] not declared"
+
+
+def duplicate_class_names(task):
+    def rename(d):
+        d["labels"] = {"0": "background", "1": "organ", "2": "Organ"}
+    return _edit_json(task, rename), "'labels' names class 1 and class 2 both 'Organ'"
+
+
+def duplicate_json_key(task):
+    path = task / "dataset.json"
+    path.write_text(path.read_text().replace('"labels":', '"labels": {"0": "background"}, "labels":', 1))
+    return path, "invalid JSON: key 'labels' appears twice in one object"
+
+
+def deeply_nested_json(task):
+    path = task / "dataset.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    return path, "invalid JSON: nested too deeply to read"
+
+
 CORRUPTIONS = [missing_key, invalid_json, missing_dataset_json, label_not_found, missing_test_image, truncated,
                not_gzip, label_shape, affine_mismatch, label_value, nan_voxels, inf_label, nan_label, complex_image,
                image_2d, modality_count,
-               empty_training, duplicate_case, duplicate_case_id, duplicate_in_test_set]
+               empty_training, duplicate_case, duplicate_case_id, duplicate_in_test_set,
+               constant_image, constant_foreground, zero_spacing, nan_origin, outlier_spacing, image_as_label,
+               duplicate_class_names, duplicate_json_key, deeply_nested_json]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +250,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def _assert_one_error_line(err: str, path: Path, problem: str) -> None:
     lines = err.splitlines()
-    assert len(lines) == 1, err
+    assert len(lines) == 1 and len(lines[0]) < 600, err  # one line, of a readable length
     assert lines[0].startswith(f"error: {path}: "), err
     assert problem in lines[0]
     assert "Traceback" not in err

@@ -136,3 +136,50 @@ def test_case_name_suffixes():
     assert case_name(Path("spleen_2_seg.nii.gz"), ("_seg", "_pred")) == "spleen_2"
     assert case_name(Path("hippocampus_001_pred.nii"), ("_seg", "_pred")) == "hippocampus_001"
     assert case_name(Path("_seg.nii.gz"), ("_seg",)) == "_seg"
+
+
+def test_a_label_without_prediction_is_reported_or_scored_as_zero(tmp_path, capsys):
+    """8 labels, 7 predictions: the 8th is said (a warning, summary.json), and left out of the means unless
+    --missing zero scores it as a case that predicted nothing (as challenge evaluators count it)."""
+    for k in range(8):
+        save(tmp_path / f"labels/c{k}.nii.gz", cube((2, 2, 2)))
+        if k < 7:
+            save(tmp_path / f"pred/c{k}_seg.nii.gz", cube((2, 2, 2)))
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--label", str(tmp_path / "labels")]
+    assert main([*args, "--out", str(tmp_path / "report")]) == 0
+    out, err = capsys.readouterr()
+    assert err == (f"warning: 1 label(s) in {tmp_path / 'labels'} have no prediction in {tmp_path / 'pred'}: c7; "
+                   "left out of the means (--missing zero scores them as 0)\n")
+    assert "7 cases; mean foreground Dice 1.0000" in out
+    summary = json.loads((tmp_path / "report/summary.json").read_text())
+    assert summary["labels_without_prediction"] == ["c7"] and summary["missing"] == "report"
+
+    assert main([*args, "--out", str(tmp_path / "zero"), "--missing", "zero"]) == 0
+    out, err = capsys.readouterr()
+    assert "c7; scored as Dice 0 (--missing zero)" in err and "8 cases; mean foreground Dice 0.8750" in out
+    summary = json.loads((tmp_path / "zero/summary.json").read_text())
+    assert summary["classes"]["1"]["no_prediction"] == 1 and summary["classes"]["1"]["dice"]["count"] == 8
+    rows = {r["case"]: r for r in read_rows(tmp_path / "zero")}
+    assert rows["c7"]["status"] == "no_prediction" and float(rows["c7"]["dice"]) == 0.0
+    assert rows["c7"]["pred_voxels"] == "0" and rows["c7"]["gt_voxels"] == "64"
+
+
+def test_an_error_comes_before_any_scoring_and_without_monais_warnings(tmp_path, capsys):
+    """Every pair's header is checked first (a bad second case is not found after scoring the first), and MONAI's
+    deprecation notices from inside its metrics never reach the user."""
+    import warnings
+
+    for name in ("a", "b"):
+        save(tmp_path / f"labels/{name}.nii.gz", cube((2, 2, 2)))
+    save(tmp_path / "pred/a.nii.gz", cube((3, 2, 2)))
+    bad = save(tmp_path / "pred/b.nii.gz", cube((2, 2, 2)), spacing=(1.5, 1.0, 1.0))
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--label", str(tmp_path / "labels"),
+            "--out", str(tmp_path / "out")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 2
+        assert [str(w.message) for w in caught] == []
+        assert capsys.readouterr().err.startswith(f"error: {bad}: affine differs")
+        save(bad, cube((2, 2, 2)))
+        assert main(args) == 0  # scored (HD95, NSD): still no warning
+        assert [str(w.message) for w in caught] == []

@@ -1,14 +1,18 @@
 """Faults during a search: SIGKILL at several points, corrupt checkpoints, CUDA OOM, bad output folders."""
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from support import failing_writes
 
 from dints3d.cli import main
 from dints3d.config import load_config
@@ -124,7 +128,7 @@ def test_cuda_out_of_memory_is_explained(search_work, settings, tmp_path, monkey
 def test_unwritable_output_and_full_disk_fail_before_work(search_work, settings, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(DintsError, match="cannot write here"):
+    with pytest.raises(DintsError, match="cannot create the output folder: .* is a file, not a folder"):
         SearchRun(load_config(None, settings), search_work, blocker / "run", init_runtime("cpu"))
 
     import shutil
@@ -285,3 +289,173 @@ def test_a_checkpoint_write_fsyncs_the_new_file_once_before_keeping_the_old_one(
                       ("replace to", "last.pt"), ("fsync", "folder")]
     assert int(checkpoint.load_checkpoint(path)["n"]) == 2
     assert int(torch.load(checkpoint.previous_path(path), weights_only=True)["n"]) == 1
+
+
+# --- issue 18: state that must not be lost or silently replaced ------------------------------------------------------
+
+def test_stop_after_zero_leaves_a_checkpoint_and_the_resume_equals_the_uninterrupted_run(search_work, settings,
+                                                                                        tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    assert main(_cli_args(settings, search_work, out, "--stop-after", "0")) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["loop"]["iteration"] == 0
+    assert main(_cli_args(settings, search_work, out, "--resume")) == 0
+    assert _codes(out / "arch.json") == _codes(uninterrupted / "arch.json")
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_resume_on_other_prepared_data_is_refused(search_work, settings, prepared_task, tmp_path, capsys):
+    """The config may be unchanged while WORK was prepared again (another split) or is another task's: the
+    checkpoint's digest of the datalist and plan tells, instead of a different arch.json or a size mismatch."""
+    import shutil
+
+    from dints3d.data.prepare import prepare
+    from dints3d.utils.checkpoint import save_checkpoint
+
+    work = Path(shutil.copytree(search_work, tmp_path / "work"))
+    out = tmp_path / "run"
+    assert main(_cli_args(settings, work, out, "--stop-after", "0")) == 0
+    task = json.loads((work / "datalist.json").read_text())["task_dir"]
+    prepare(task, work, folds=2, progress=False)  # the same task, re-prepared: another split
+    capsys.readouterr()
+    assert main(_cli_args(settings, work, out, "--resume")) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {out / 'checkpoints' / 'last.pt'}: was written on other prepared data: "
+                           f"{work / 'datalist.json'} differs"), line
+
+    other = prepared_task(folds=3, cases=6, test_cases=1, size=36, seed=3, modalities=2, classes=3).work
+    assert main(_cli_args(settings, other, out, "--resume")) == 2
+    assert "was written on other prepared data" in _one_error_line(capsys)
+
+    # a checkpoint from before the digest was recorded: the network's shapes still refuse it in one line
+    last = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    del state["data"]
+    save_checkpoint(last, state)
+    assert main(_cli_args(settings, other, out, "--resume")) == 2
+    assert "does not fit this search's network (Error(s) in loading state_dict" in _one_error_line(capsys)
+
+
+def test_last_pt_replaced_by_a_folder_is_refused_in_one_line(search_work, settings, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_cli_args(settings, search_work, out, "--stop-after", "1")) == 0
+    last = out / "checkpoints" / "last.pt"
+    last.unlink()
+    last.mkdir()
+    capsys.readouterr()
+    assert main(_cli_args(settings, search_work, out, "--resume")) == 2
+    assert _one_error_line(capsys).startswith(f"error: {last}: is not a file (a folder?) where a checkpoint should be")
+
+
+def test_full_disk_at_a_checkpoint_write_is_one_line_and_the_state_resumes(search_work, settings, tmp_path, capsys,
+                                                                           monkeypatch, uninterrupted):
+    """The second write of last.pt hits a full disk (torch.save would raise "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos" writing to a path): one line naming last.pt and the errno, the first
+    last.pt intact; after freeing space, --resume finishes with the uninterrupted result."""
+    writes = []
+
+    def second_last_pt(name: str) -> bool:
+        writes.append(name)
+        return name == "last.pt" and writes.count("last.pt") == 2
+
+    failed = failing_writes(monkeypatch, errno.ENOSPC, after=100, names=second_last_pt)
+    out = tmp_path / "run"
+    assert main(_cli_args(settings, search_work, out)) == 2
+    monkeypatch.undo()
+    assert failed == ["last.pt"]
+    last = out / "checkpoints" / "last.pt"
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]  # besides the progress bars of the work done
+    line = errors[0]
+    assert line.startswith(f"error: {last}: cannot write: No space left on device [ENOSPC]; the previous last.pt is "
+                           "unchanged (the search state it holds is intact); free space, then continue with --resume")
+    assert load_checkpoint(last)["loop"]["iteration"] == 1
+    assert not list(last.parent.glob(".*.tmp"))
+    assert main(_cli_args(settings, search_work, out, "--resume")) == 0
+    assert _codes(out / "arch.json") == _codes(uninterrupted / "arch.json")
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_unwritable_run_folder_is_one_line_before_work(search_work, settings, tmp_path, capsys, monkeypatch, code):
+    failing_writes(monkeypatch, code, after=None)
+    out = tmp_path / "run"
+    assert main(_cli_args(settings, search_work, out)) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {out}: cannot write here ({os.strerror(code)} [{errno.errorcode[code]}])"), line
+    assert not out.exists()
+
+
+def test_a_failed_search_leaves_no_run_folder(search_work, settings, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "run"
+    assert main(_cli_args([*settings, "data.patch_size=[40,32,32]"], search_work, out)) == 2
+    assert "multiple of 16" in _one_error_line(capsys)
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert main(_cli_args([*settings, "data.patch_size=[40,32,32]"], search_work, existing)) == 2
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]  # a folder that held something is left as it was
+
+
+def _moved_task_work(small_task, tmp_path):
+    import shutil
+
+    from dints3d.data.prepare import prepare
+
+    task = Path(shutil.copytree(small_task.task, tmp_path / "task"))
+    work = tmp_path / "work"
+    prepare(task, work, folds=2, progress=False)
+    return task, work
+
+
+def test_task_moved_or_changed_after_prepare_is_one_line_naming_the_case(small_task, settings, tmp_path, capsys):
+    task, work = _moved_task_work(small_task, tmp_path)
+    args = _cli_args([*settings, "data.patch_size=[16,16,16]"], work, tmp_path / "run")
+    moved = task.rename(tmp_path / "moved")
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {task / 'imagesTr'}") and " of case 'synthetic_" in line
+    assert "not found: the task folder moved or changed after `dints3d prepare`; prepare" in line
+
+    moved.rename(task)
+    plan = json.loads((work / "plan.json").read_text())
+    (work / "plan.json").write_text(json.dumps({**plan, "in_channels": 2}))  # edited by hand
+    assert main(args) == 2
+    assert f"but {work / 'plan.json'} says the network takes 2" in _one_error_line(capsys)
+
+    (work / "plan.json").write_text(json.dumps(plan))
+    import nibabel as nib
+    import numpy as np
+
+    image = sorted((task / "imagesTr").iterdir())[0]  # swapped for a 2-channel image
+    original = nib.load(image)
+    data = np.asanyarray(original.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), original.affine), image)
+    assert main(args) == 2
+    assert _one_error_line(capsys).startswith(f"error: {image}: has 2 channel(s)")
+
+
+def test_two_searches_racing_for_one_run_folder(search_work, settings, tmp_path):
+    """Started 0.3 s apart into one --out: whichever locks the folder first runs; the other is refused in one line
+    naming it, and the folder holds the winner's config and result only."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = []
+    for seed in (0, 7):
+        runs.append(subprocess.Popen([sys.executable, "-m", "dints3d",
+                                      *_cli_args([*settings, f"seed={seed}"], search_work, out)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        time.sleep(0.3)
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    codes = [run.returncode for run in runs]
+    assert sorted(codes) == [0, 2], (codes, [e[-2000:] for e in errors])
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    lines = errors[loser].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}: is in use by another process (process "
+                                                   f"{runs[winner].pid}: dints3d search"), errors[loser]
+    assert f"seed: {(0, 7)[winner]}\n" in (out / "config.yaml").read_text() and (out / "arch.json").exists()

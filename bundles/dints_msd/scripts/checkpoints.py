@@ -17,6 +17,7 @@ Failures end the run with one line ``error: <file>: <problem>`` (:mod:`scripts.e
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -75,6 +76,15 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def written_error(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed ``torch.save`` (torch's zip writer reports a full disk as ``RuntimeError:
+    [enforce fail at inline_container.cc] unexpected pos``, the ``OSError`` being its context); ``None`` if none."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    return cause
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
     """Delete ``.*.tmp`` files an atomic write left behind when its process was killed; returns how many."""
     removed = 0
@@ -93,8 +103,19 @@ class AtomicDiskSaver(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if rank() != 0:
             return
-        with atomic_path(self.dirname / (self.filename or filename)) as tmp:
-            torch.save(checkpoint, tmp)
+        target = self.dirname / (self.filename or filename)
+        try:
+            # through a Python file, so that a full disk is an OSError torch's zip writer wraps, not one it hides
+            with atomic_path(target) as tmp, open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as e:
+            error = written_error(e)
+            if error is None:
+                raise
+            # a full or read-only disk: one line (monai.bundle run would print torch's "unexpected pos" traceback)
+            code = f" [{errno.errorcode[error.errno]}]" if error.errno in errno.errorcode else ""
+            raise stop(BundleError(target, f"cannot write: {error.strerror or error}{code}; the previous "
+                                           f"{target.name} is unchanged")) from None
 
     def remove(self, filename: str) -> None:
         # ignite removes the file a save replaces before writing it; a fixed name (model.pt) is replaced by the atomic
