@@ -37,6 +37,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """``--help`` that shows each option's default, unless its help already says it or there is none to show
+    (``None``, ``False``, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text.lower() or default is argparse.SUPPRESS
+                or default is None or default is False or default == [] or default == ()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="dints3d",
@@ -44,7 +57,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     parser.add_argument("--version", action="version", version=f"dints3d {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
+    subparsers = {name: sub.add_parser(name, help=text, description=text, formatter_class=DefaultsShown)
+                  for name, (_, text) in COMMANDS.items()}
     return parser, subparsers
 
 

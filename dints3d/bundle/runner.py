@@ -257,6 +257,15 @@ def network_input(bundle: str | os.PathLike, configs: list[str] | tuple[str, ...
     return NetworkInput(network_channels(bundle), tuple(float(v) for v in spacing) if plain else None)
 
 
+def inference_setting(bundle: str | os.PathLike, key: str, sets: list[str] | tuple[str, ...] = (),
+                      default: Any = None, configs: list[str] | tuple[str, ...] = ("inference.yaml",)) -> Any:
+    """The top-level value ``key`` an inference run will use: the last ``--set key=...`` of ``sets``, else the
+    value written in ``configs`` (``$`` expressions unevaluated), else ``default``."""
+    overrides = [parse_set(text) for text in sets]
+    given = [value for name, _, value in overrides if name == key]
+    return given[-1] if given else config_values(bundle, configs).get(key, default)
+
+
 def inference_models(bundle: str | os.PathLike, configs: list[str] | tuple[str, ...],
                      sets: list[str] | tuple[str, ...] = ()) -> list[Path]:
     """The weight files an inference with ``configs`` and ``sets`` loads: the ensemble's checkpoints
@@ -291,6 +300,32 @@ def check_models(bundle: str | os.PathLike, configs: list[str] | tuple[str, ...]
                 from None
         if not isinstance(state, dict) or not state:
             raise DintsError(path, "holds no weights (not a state dict)")
+
+
+#: ``--device`` choices of ``dints3d train`` and ``dints3d infer``
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_env(device: str, nproc: int = 1) -> dict[str, str]:
+    """Environment variables that make a bundle run use ``device``: ``auto`` (a GPU if there is one), ``cpu`` (the
+    GPUs hidden: ``CUDA_VISIBLE_DEVICES=""``) or ``cuda`` (an error without a GPU); ``nproc`` processes need a GPU
+    each when GPUs are used."""
+    if device not in DEVICES:
+        raise DintsError("--device", f"must be one of {', '.join(DEVICES)}, got '{device}'")
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cuda" and gpus == 0:
+        raise DintsError("--device", "'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
+    if 0 < gpus < nproc:
+        raise DintsError("--nproc", f"{nproc} processes need {nproc} GPUs (one each), {gpus} visible; use --nproc "
+                         f"{gpus}, or --device cpu for CPU processes")
+    return {}
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto (a GPU if there is one), cpu, or cuda (an error without a GPU)")
 
 
 def add_nproc_argument(parser: argparse.ArgumentParser, what: str) -> None:

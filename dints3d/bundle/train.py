@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import yaml
 
 from dints3d.bundle.handlers import refuse_existing_training, training_state_files
@@ -26,6 +25,7 @@ from dints3d.bundle.runner import (
     bundle_run,
     check_sets,
     config_file,
+    device_env,
     launcher,
     override_args,
     parse_set,
@@ -45,9 +45,6 @@ from dints3d.utils.preflight import (
     estimate_cache_bytes,
 )
 
-#: ``dints3d train --device`` choices
-TRAIN_DEVICES = ("auto", "cpu", "cuda")
-
 
 # ------------------------------------------------------------------------------------------------------------ train
 def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets: list[str] | tuple[str, ...] = (),
@@ -64,8 +61,6 @@ def train(bundle: str | os.PathLike, work: str | os.PathLike | None = None, sets
     bundle = Path(bundle).absolute()
     train_yaml = config_file(bundle, "train.yaml")
     launcher(nproc)
-    if device not in TRAIN_DEVICES:
-        raise DintsError("--device", f"must be one of {', '.join(TRAIN_DEVICES)}, got '{device}'")
     configs = ["train.yaml", "multi_gpu_train.yaml"] if nproc > 1 else ["train.yaml"]
     check_sets(bundle, configs, sets)
     settings = train_settings(train_yaml, sets, work)
@@ -189,7 +184,7 @@ def preflight_training(bundle: Path, settings: Mapping[str, Any], nproc: int = 1
     for the checkpoints and free RAM for the data cache (sized from ``work``'s plan, else the recorded prepared
     folder's). Values that are other ``$`` expressions are left to the bundle run. Returns environment variables for
     the run (``CUDA_VISIBLE_DEVICES=""`` hides the GPUs from a ``--device cpu`` run)."""
-    env = _check_device(device, nproc)
+    env = device_env(device, nproc)
     task = bundle_folder(settings.get("dataset_dir"), bundle)
     if task is not None and not task.is_dir():
         raise DintsError(task, "dataset_dir: no such folder (the bundle names the task relative to itself); give "
@@ -209,18 +204,6 @@ def preflight_training(bundle: Path, settings: Mapping[str, Any], nproc: int = 1
                         advice="free space, or --set ckpt_dir=FOLDER on another disk")
     _check_cache_memory(settings, Path(work) if work is not None else recorded_work(bundle))
     return env
-
-
-def _check_device(device: str, nproc: int) -> dict[str, str]:
-    if device == "cpu":
-        return {"CUDA_VISIBLE_DEVICES": ""}
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device == "cuda" and gpus == 0:
-        raise DintsError("--device", "'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
-    if 0 < gpus < nproc:
-        raise DintsError("--nproc", f"{nproc} processes need {nproc} GPUs (one each), {gpus} visible; use --nproc "
-                         f"{gpus}, or --device cpu for CPU processes")
-    return {}
 
 
 def _plain_number(value: Any) -> bool:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from dints3d.bundle.crossval import cross_validate, format_summary
 from dints3d.bundle.handlers import SAFE_TO_CHANGE
-from dints3d.bundle.runner import add_nproc_argument
-from dints3d.bundle.train import TRAIN_DEVICES, train
+from dints3d.bundle.runner import add_device_argument, add_nproc_argument
+from dints3d.bundle.train import train
 from dints3d.utils.errors import DintsError
 
 
@@ -24,8 +24,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", help="prepared folder (datalist.json) instead of the one recorded in the bundle")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="bundle config override, e.g. num_iterations=2000 or amp=false (repeatable)")
-    parser.add_argument("--device", choices=TRAIN_DEVICES, default="auto",
-                        help="auto (a GPU if there is one), cpu, or cuda (an error without a GPU); default auto")
+    add_device_argument(parser)
     add_nproc_argument(parser, "train data-parallel (torchrun + configs/multi_gpu_train.yaml)")
     parser.add_argument("--folds", metavar="all|K,K,...",
                         help="cross-validation: train one model per fold of the prepared task (models/fold<k>/), "

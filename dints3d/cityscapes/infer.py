@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
 from dints3d.bundle.infer import segment
 from dints3d.bundle.input_checks import InputKind, NetworkInput
@@ -48,9 +49,10 @@ PNG = InputKind(accepts=lambda name: name.lower().endswith(".png"), described="P
 
 
 def infer_png(bundle: str | os.PathLike, inputs: list[str | os.PathLike], out: str | os.PathLike,
-              sets: list[str] | tuple[str, ...] = (), log: Path | None = None, nproc: int = 1) -> InferResult:
+              sets: list[str] | tuple[str, ...] = (), log: Path | None = None, nproc: int = 1,
+              env: Mapping[str, str] | None = None) -> InferResult:
     """Segment the PNG files and folders ``inputs`` into ``out/<core>_pred_labelIds.png`` with the bundle's
     ``configs/inference.yaml`` (one process)."""
     if nproc != 1:
         raise DintsError("--nproc", "a Cityscapes bundle infers in one process")
-    return segment(bundle, inputs, out, PNG, ["inference.yaml"], sets, log)
+    return segment(bundle, inputs, out, PNG, ["inference.yaml"], sets, log, env=env)

@@ -131,6 +131,11 @@ def read_task(task_dir: str | Path) -> Task:
     data = read_json(where)
     if not isinstance(data, dict):
         raise DintsError(where, "must be a JSON object")
+    if "channel_names" in data or "file_ending" in data:
+        raise DintsError(where, "is an nnU-Net v2 dataset.json (channel_names, file_ending, one image file per channel "
+                         "and labels as name → value); dints3d reads the Medical Segmentation Decathlon format "
+                         "(modality, labels as value → name, a 'training' list of {image, label} with one 4D image "
+                         "per case): use the task's MSD release, or write an MSD dataset.json and 4D images")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise DintsError(where, f"missing required key(s): {', '.join(missing)}")

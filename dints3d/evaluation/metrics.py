@@ -332,7 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", required=True,
                         help="folder of ground-truth label maps (e.g. labelsTr; cityscapes: gtFine/val, recursive)")
     parser.add_argument("--dataset-json", help="MSD dataset.json whose 'labels' name the classes")
-    parser.add_argument("--out", default=".", help="folder for metrics.csv and summary.json (default: .)")
+    parser.add_argument("--out", help="folder for metrics.csv and summary.json (default: the --pred folder, as "
+                                      "nnU-Net writes summary.json next to the predictions)")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD boundary tolerance in mm (default 1)")
     parser.add_argument("--missing", choices=MISSING_MODES, default="report",
                         help="a label without a prediction: report (warn, list it in summary.json, leave it out of "
@@ -341,6 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is None:
+        args.out = args.pred
     return format_named(EVALUATED_FORMATS[args.format]).stage("evaluate")(args)
 
 

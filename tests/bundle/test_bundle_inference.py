@@ -272,3 +272,31 @@ def test_full_disk_leaves_no_empty_mask_and_the_other_cases_are_segmented(bundle
     assert f"error: {images[0]}: the bundle run failed on this case" in captured.err
     assert sorted(p.name for p in out.iterdir()) == [p.name.replace(".nii.gz", "_seg.nii.gz") for p in images[1:]]
     assert all(nib.load(p).shape for p in out.iterdir())  # every mask there is complete
+
+
+def test_infer_device_progress_and_msd_naming(bundle, tmp_path, capsys, monkeypatch):
+    """`--device cpu` hides the GPUs from the bundle run, each case is announced as its mask is written, and
+    `--set output_postfix=''` gives MSD / nnU-Net names (<case>.nii.gz), counted as written."""
+    cases = sorted((bundle.parent / "task" / "imagesTs").glob("*.nii.gz"))[:2]
+    envs = []
+    real = runner.run_child
+    monkeypatch.setattr(runner, "run_child", lambda cmd, env, **kw: envs.append(env) or real(cmd, env, **kw))
+    status = main(["infer", str(bundle), "--input", *map(str, cases), "--out", str(tmp_path / "out"), "--device",
+                   "cpu", "--set", "sw_overlap=0.25", "--set", "output_postfix=''"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert envs[0]["CUDA_VISIBLE_DEVICES"] == ""
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in cases)
+    progress = [line for line in out.splitlines() if line.startswith("segmented ")]
+    assert progress == [f"segmented {k}/2: {case}" for k, case in enumerate(cases, 1)]
+    assert "wrote 2 mask(s)" in out
+
+
+def test_infer_device_cuda_without_a_gpu_is_one_line(bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    good = sorted((bundle.parent / "task" / "imagesTs").glob("*.nii.gz"))[0]
+    assert main(["infer", str(bundle), "--input", str(good), "--out", str(tmp_path / "out"), "--device",
+                 "cuda"]) == 2
+    assert capsys.readouterr().err == ("error: --device: 'cuda' requested but no CUDA GPU is available (use --device "
+                                       "cpu or auto)\n")
+    assert not (tmp_path / "out").exists()

@@ -224,12 +224,20 @@ def deeply_nested_json(task):
     return path, "invalid JSON: nested too deeply to read"
 
 
+def nnunet_v2_dataset_json(task):
+    """An nnU-Net v2 raw dataset's dataset.json (the format users most often have besides MSD's)."""
+    path = task / "dataset.json"
+    path.write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
+                                "numTraining": 4, "file_ending": ".nii.gz"}))
+    return path, "is an nnU-Net v2 dataset.json"
+
+
 CORRUPTIONS = [missing_key, invalid_json, missing_dataset_json, label_not_found, missing_test_image, truncated,
                not_gzip, label_shape, affine_mismatch, label_value, nan_voxels, inf_label, nan_label, complex_image,
                image_2d, modality_count,
                empty_training, duplicate_case, duplicate_case_id, duplicate_in_test_set,
                constant_image, constant_foreground, zero_spacing, nan_origin, outlier_spacing, image_as_label,
-               duplicate_class_names, duplicate_json_key, deeply_nested_json]
+               duplicate_class_names, duplicate_json_key, deeply_nested_json, nnunet_v2_dataset_json]
 
 
 @pytest.fixture(scope="module")

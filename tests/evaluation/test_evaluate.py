@@ -183,3 +183,15 @@ def test_an_error_comes_before_any_scoring_and_without_monais_warnings(tmp_path,
         save(bad, cube((2, 2, 2)))
         assert main(args) == 0  # scored (HD95, NSD): still no warning
         assert [str(w.message) for w in caught] == []
+
+
+def test_default_output_is_the_prediction_folder_and_rerunning_ignores_it(tmp_path, capsys):
+    """Without --out, metrics.csv and summary.json go next to the predictions (as nnU-Net's summary.json), not into
+    the current folder; a second run scores the same masks (its own outputs are not taken for predictions)."""
+    save(tmp_path / "labels/a.nii.gz", cube((2, 2, 2)))
+    save(tmp_path / "pred/a.nii.gz", cube((2, 2, 2)))
+    for _ in range(2):
+        assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--label", str(tmp_path / "labels")]) == 0
+        assert f"wrote {tmp_path / 'pred' / 'metrics.csv'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a.nii.gz", "metrics.csv", "summary.json"]
+    assert json.loads((tmp_path / "pred" / "summary.json").read_text())["num_cases"] == 1
