@@ -90,26 +90,26 @@ def segment(bundle: str | os.PathLike, inputs: list[str | os.PathLike], out: str
             raise DintsError(path, f"{problem}; nothing to segment")
         raise DintsError(", ".join(map(str, inputs)), f"none of the {len(result.failures)} inputs can be segmented "
                          "(each is listed above); nothing to segment")
-    with locked_folder(out):
+    with locked_folder(out) as lock:  # the bundle run inherits the lock: the folder stays ours until it ends
         check_writable(out)
         with tempfile.TemporaryDirectory(prefix=PARTIAL_PREFIX, dir=out) as partial:
             for stale in out.glob(f"{PARTIAL_PREFIX}*"):  # left by a killed run (the folder is ours while locked)
                 if stale != Path(partial):
                     shutil.rmtree(stale, ignore_errors=True)
-            _segment_all(bundle, configs, sets, log, nproc, good, Path(partial), out, kind, result, env)
+            _segment_all(bundle, configs, sets, log, nproc, good, Path(partial), out, kind, result, env, (lock.fd,))
     return result
 
 
 def _segment_all(bundle: str | os.PathLike, configs: list[str], sets: list[str] | tuple[str, ...], log: Path | None,
                  nproc: int, inputs: list[Path], partial: Path, out: Path, kind: InputKind,
-                 result: InferResult, env: Mapping[str, str] | None = None) -> None:
+                 result: InferResult, env: Mapping[str, str] | None = None, keep_fds: tuple[int, ...] = ()) -> None:
     """Segment ``inputs`` (bundle runs writing into ``partial``, finished predictions moved to ``out``), recording
     each prediction and failure in ``result``. A run that fails (one process) stopped at the first input without a
     prediction, as inputs are processed in order: that input is reported and the rest run again."""
     remaining = list(inputs)
     while remaining:
         with CaseProgress(partial, kind, remaining, len(inputs) - len(remaining), len(inputs)):
-            status = _run_once(bundle, configs, sets, log, nproc, remaining, partial, env)
+            status = _run_once(bundle, configs, sets, log, nproc, remaining, partial, env, keep_fds)
         result.returncode = result.returncode or status
         done = _move_into_place(partial, out, kind, remaining, result)
         remaining = [path for path in remaining if path not in done]
@@ -127,14 +127,15 @@ def _segment_all(bundle: str | os.PathLike, configs: list[str], sets: list[str] 
 
 
 def _run_once(bundle: str | os.PathLike, configs: list[str], sets: list[str] | tuple[str, ...], log: Path | None,
-              nproc: int, inputs: list[Path], partial: Path, env: Mapping[str, str] | None = None) -> int:
+              nproc: int, inputs: list[Path], partial: Path, env: Mapping[str, str] | None = None,
+              keep_fds: tuple[int, ...] = ()) -> int:
     """One bundle run segmenting ``inputs`` into the folder ``partial``; returns its exit status."""
     with tempfile.TemporaryDirectory(prefix="dints3d-infer-") as tmp:
         datalist = Path(tmp) / "datalist.json"
         datalist.write_text(json.dumps([str(p) for p in inputs]))
         args = ["--datalist", f"$json.loads(pathlib.Path({str(datalist)!r}).read_text())", "--output_dir",
                 str(partial)]
-        return bundle_run(bundle, configs, args + override_args(sets), log, nproc, env)
+        return bundle_run(bundle, configs, args + override_args(sets), log, nproc, env, keep_fds)
 
 
 def _move_into_place(partial: Path, out: Path, kind: InputKind, inputs: list[Path], result: InferResult) -> set[Path]:

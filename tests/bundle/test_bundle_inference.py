@@ -280,12 +280,13 @@ def test_infer_device_progress_and_msd_naming(bundle, tmp_path, capsys, monkeypa
     cases = sorted((bundle.parent / "task" / "imagesTs").glob("*.nii.gz"))[:2]
     envs = []
     real = runner.run_child
-    monkeypatch.setattr(runner, "run_child", lambda cmd, env, **kw: envs.append(env) or real(cmd, env, **kw))
+    monkeypatch.setattr(runner, "run_child", lambda cmd, env, **kw: envs.append({**env, **kw}) or real(cmd, env, **kw))
     status = main(["infer", str(bundle), "--input", *map(str, cases), "--out", str(tmp_path / "out"), "--device",
                    "cpu", "--set", "sw_overlap=0.25", "--set", "output_postfix=''"])
     out = capsys.readouterr().out
     assert status == 0, out
     assert envs[0]["CUDA_VISIBLE_DEVICES"] == ""
+    assert len(envs[0]["pass_fds"]) == 1  # the lock on OUT, held by the bundle run too
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in cases)
     progress = [line for line in out.splitlines() if line.startswith("segmented ")]
     assert progress == [f"segmented {k}/2: {case}" for k, case in enumerate(cases, 1)]

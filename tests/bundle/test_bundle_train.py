@@ -11,6 +11,8 @@ import sys
 from collections import namedtuple
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -241,6 +243,12 @@ def test_task_moved_after_prepare_is_one_line_naming_the_case(fresh, capsys):
     assert "not found: the task folder moved; pass its location with --set dataset_dir=FOLDER or --work WORK" in err
     assert not list((fresh / "models").glob("*.pt"))
     missing.with_name("elsewhere.nii").rename(missing)
+    original = missing.read_bytes()  # an image swapped for a 2-channel one after prepare: named before any training
+    image = nib.load(missing)
+    nib.save(nib.Nifti1Image(np.stack([np.asanyarray(image.dataobj)] * 2, axis=-1), image.affine), missing)
+    assert main(["train", str(fresh), "--set", f"dataset_dir={fresh.parent / 'moved'}"]) == 2
+    assert _error(capsys).startswith(f"error: {missing}: has 2 channel(s)")
+    missing.write_bytes(original)
     runs = []
     with pytest.MonkeyPatch.context() as patched:
         patched.setattr(subprocess, "run", lambda cmd, **kw: runs.append(cmd) or subprocess.CompletedProcess(cmd, 0))
