@@ -190,8 +190,9 @@ def table(result: dict) -> str:
     best = max(r["mean_foreground_dice"]["mean"] or 0 for r in result["rows"].values())
     for name, r in sorted(result["rows"].items(), key=lambda kv: -(kv[1]["mean_foreground_dice"]["mean"] or 0)):
         mean = r["mean_foreground_dice"]
-        cells = [f"{d['mean']:.3f} ± {d['sd']:.3f}" for d in r["dice"].values()]
-        overall = f"{mean['mean']:.3f} ± {mean['std']:.3f}"
+        one_fold = result["folds_run"] == 1  # no fold-to-fold spread to show
+        cells = [f"{d['mean']:.3f}" + ("" if one_fold else f" ± {d['sd']:.3f}") for d in r["dice"].values()]
+        overall = f"{mean['mean']:.3f}" + ("" if one_fold else f" ± {mean['std']:.3f}")
         lines.append("| " + " | ".join([name, *cells, f"**{overall}**" if mean["mean"] == best else overall,
                                          f"{r['parameters'] / 1e6:.2f} M", f"{r['peak_gib']:.2f}",
                                          f"{r['seconds_per_fold']:.0f}"]) + " |")
