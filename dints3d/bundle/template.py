@@ -13,10 +13,8 @@ import importlib.util
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 import monai
@@ -26,35 +24,11 @@ import yaml
 
 import dints3d
 from dints3d.spaces.base import Architecture
+from dints3d.utils.bundle_templates import template_dir, template_module  # noqa: F401 (re-exported)
 from dints3d.utils.errors import DintsError
 from dints3d.utils.figures import save_figure
 from dints3d.utils.io import umask, write_bytes, write_json, write_text
 from dints3d.utils.outputs import cannot_write
-
-
-def template_dir(name: str) -> Path:
-    """The template bundle ``name``: packaged as ``dints3d/bundles`` or, in a source checkout, the top-level
-    ``bundles/``."""
-    for root in (Path(dints3d.__file__).parent / "bundles", Path(dints3d.__file__).parent.parent / "bundles"):
-        if (root / name / "configs" / "metadata.json").exists():
-            return root / name
-    raise DintsError(name, "template bundle not found in the dints3d installation")
-
-
-def template_module(name: str, module: str) -> ModuleType:
-    """``scripts/<module>.py`` of the template bundle ``name``: the code its exported bundles carry in their own
-    ``scripts/`` (torch, MONAI and ignite only), imported once as ``dints3d.bundles.<name>.scripts.<module>`` so that
-    dints3d runs the very code it ships."""
-    package = f"dints3d.bundles.{name}.scripts"
-    if package not in sys.modules:
-        folder = template_dir(name) / "scripts"
-        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        if spec is None or spec.loader is None:
-            raise DintsError(folder, "not a Python package (no __init__.py)")
-        sys.modules[package] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[package])
-    return importlib.import_module(f"{package}.{module}")
 
 
 def versions(required_packages: tuple[str, ...]) -> dict[str, Any]:
