@@ -400,6 +400,8 @@ def bundle_train_infer(device: torch.device, work: Path, out: Path, arch: str = 
 
 def arch_network(bundle: Path) -> torch.nn.Module:
     """The bundle's network as its inference config builds it."""
+    if str(bundle) not in sys.path:  # its scripts/ (the network class), as `monai.bundle run` puts the root there
+        sys.path.insert(1, str(bundle))
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.yaml"))
     parser["bundle_root"] = str(bundle)

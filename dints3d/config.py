@@ -46,6 +46,12 @@ class DintsConfig:
     num_depths: int = 4
     channel_mul: float = 0.5  #: search-time width (retraining uses ``train.channel_mul``)
     use_downsample: bool = True
+    #: add the stride-2 stem's full-resolution features to the output (a U-Net's first skip); false: the paper's
+    #: network. No effect without ``use_downsample`` (the cells then run at full resolution already)
+    stem_skip: bool = True
+    #: with ``stem_skip``: for anisotropic voxels (plan.json's target spacing), the stems halve only the axes at most
+    #: twice as coarse as the finest (nnU-Net's rule); false: they halve every axis, as MONAI's
+    anisotropic_stem: bool = True
     spatial_dims: int = 3
 
 

@@ -126,6 +126,8 @@ def tiny_arch() -> DintsArchitecture:
 def parse(bundle: Path, *names: str) -> ConfigParser:
     """The bundle's configs ``names`` (merged in order) and its metadata, parsed as ``monai.bundle run --bundle_root
     BUNDLE`` does (the configs say ``bundle_root: .``, the folder they are run from)."""
+    if str(bundle) not in sys.path:  # its scripts/ (the network class), as `monai.bundle run` puts the root there
+        sys.path.insert(1, str(bundle))
     parser = ConfigParser()
     parser.read_config([str(bundle / "configs" / name) for name in names])
     parser.read_meta(str(bundle / "configs" / "metadata.json"))

@@ -58,7 +58,8 @@ TEMPLATE = "dints_msd"
 FILLED_CONFIGS = ("inference.yaml", "train.yaml", "search.yaml")
 #: the bundle's own code (``scripts/``): what train.yaml, evaluate.yaml and inference.yaml import besides MONAI
 SCRIPTS = ("scripts/__init__.py", "scripts/checkpoints.py", "scripts/ensemble.py", "scripts/errors.py",
-           "scripts/losses.py", "scripts/memory.py", "scripts/reliability.py", "scripts/results.py")
+           "scripts/losses.py", "scripts/memory.py", "scripts/networks.py", "scripts/reliability.py",
+           "scripts/results.py")
 COPIED_FILES = ("configs/evaluate.yaml", "configs/multi_gpu_train.yaml", "configs/multi_gpu_evaluate.yaml",
                 "configs/multi_gpu_inference.yaml", "configs/inference_trt.yaml", "configs/logging.conf", "LICENSE",
                 "large_files.yml", "models/README.md", *SCRIPTS)

@@ -57,7 +57,7 @@ def sigma_for_budget(
     shape = (batch, in_channels, *patch)
     points = []
     for arch in archs:
-        arch.use_downsample = hp["use_downsample"]
+        arch.use_downsample, arch.stem_skip, arch.stem_stride = hp["use_downsample"], hp["stem_skip"], hp["stem_stride"]
         ratio = space.discrete_memory_ratio(arch, shape)
         peak = predict_training_memory(lambda a=arch: a.build(in_channels, num_classes, channel_mul=train_channel_mul),
                                        (in_channels, *patch), batch=batch, amp=amp, device=device)["peak"]

@@ -37,7 +37,7 @@ from dints3d.cost.memory import (
 )
 from dints3d.data.patch import Divisor, per_axis
 from dints3d.spaces.dints.topology import patch_divisor
-from dints3d.spaces.factory import load_architecture
+from dints3d.spaces.factory import dints_stem_stride, load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.preflight import estimate_cache_bytes
 
@@ -178,7 +178,8 @@ def search_candidate(cfg: Config, plan: Mapping, max_batch: int | None = None) -
     """The configured DiNTS supernet's search step (``data.batch_size × data.num_samples`` patches per step)."""
     d = cfg.dints
     hparams = {"num_blocks": d.num_blocks, "num_depths": d.num_depths, "channel_mul": d.channel_mul,
-               "use_downsample": d.use_downsample, "spatial_dims": d.spatial_dims, "cpu_conv_routing": False}
+               "use_downsample": d.use_downsample, "spatial_dims": d.spatial_dims, "cpu_conv_routing": False,
+               "stem_skip": d.stem_skip, "stem_stride": dints_stem_stride(cfg, plan.get("target_spacing"))}
     channels, classes, samples = int(plan["in_channels"]), int(plan["out_channels"]), cfg.data.num_samples
 
     def predict(patch: tuple[int, ...], batch: int, mode: Mode) -> int:

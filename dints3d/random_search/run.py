@@ -31,7 +31,7 @@ from dints3d.random_search.train import HeadEvaluator, NetworkEvaluator, Schedul
 from dints3d.spaces.dints.topology import patch_divisor
 from dints3d.spaces.dpc.backbones import backbone_features, backbone_patch_divisor
 from dints3d.spaces.dpc.genotype import DpcCatalog
-from dints3d.spaces.factory import load_architecture
+from dints3d.spaces.factory import dints_stem_stride, load_architecture
 from dints3d.utils.errors import DintsError
 from dints3d.utils.io import write_yaml
 from dints3d.utils.lock import locked_folder
@@ -119,7 +119,8 @@ def network_random_search(cfg: Config, work: str | Path, out: str | Path, runtim
     in_channels, classes = int(plan["in_channels"]), int(plan["out_channels"])
     limit = memory_limit(cfg, space, in_channels, classes, patch, runtime.device.type)
     if space == "dints":
-        sampler = DintsSampler(d.num_blocks, d.num_depths, d.spatial_dims, d.use_downsample, limit)
+        sampler = DintsSampler(d.num_blocks, d.num_depths, d.spatial_dims, d.use_downsample, limit,
+                               stem_skip=d.stem_skip, stem_stride=dints_stem_stride(cfg, plan.get("target_spacing")))
     else:
         sampler = AutoDeepLabSampler(a.num_layers, a.num_blocks, a.filter_multiplier, a.spatial_dims, limit)
     train_and_score = NetworkEvaluator(cfg, work, runtime, plan, patch)

@@ -117,7 +117,8 @@ class SearchRun:
                     f"the task folder moved or changed after `dints3d prepare`; prepare {self.work} again from the "
                     "task's current location")
         seed_everything(cfg.seed)
-        self.space = build_search_space(cfg, int(self.plan["in_channels"]), int(self.plan["out_channels"]))
+        self.space = build_search_space(cfg, int(self.plan["in_channels"]), int(self.plan["out_channels"]),
+                                        self.plan.get("target_spacing"))
         self.space.to(runtime.device)
         runtime.broadcast_parameters(self.space)
         self.patch = resolve_patch(self.plan, self.space.patch_divisor, f"the {cfg.space} space",

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from dints3d.config import Config
 from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
 from dints3d.spaces.autodeeplab.supernet import AutoDeepLabSearchSpace
 from dints3d.spaces.base import Architecture, SearchSpace, check_document
 from dints3d.spaces.baselines.networks import BASELINES, plan_baseline
-from dints3d.spaces.dints.architecture import DintsArchitecture
+from dints3d.spaces.dints.architecture import DintsArchitecture, stem_stride_for_spacing
 from dints3d.spaces.dints.supernet import DintsSearchSpace
 from dints3d.spaces.dpc.architecture import DpcArchitecture
 from dints3d.utils.errors import DintsError
@@ -53,8 +53,18 @@ def load_architecture(path_or_preset: str | os.PathLike, plan: Mapping | None = 
     return architecture_from_dict(read_json(path), os.fspath(path))
 
 
-def build_search_space(cfg: Config, in_channels: int, num_classes: int) -> SearchSpace:
-    """The configured supernet (``cfg.space``) for a task's channels and classes."""
+def dints_stem_stride(cfg: Config, spacing: Sequence[float] | None) -> tuple[int, ...] | None:
+    """The DiNTS stems' stride per axis for the plan's target ``spacing`` (``dints.anisotropic_stem``), or None."""
+    d = cfg.dints
+    if not (d.anisotropic_stem and d.stem_skip and d.use_downsample) or not spacing:
+        return None
+    return stem_stride_for_spacing(spacing)
+
+
+def build_search_space(cfg: Config, in_channels: int, num_classes: int,
+                       spacing: Sequence[float] | None = None) -> SearchSpace:
+    """The configured supernet (``cfg.space``) for a task's channels, classes and target voxel ``spacing`` (mm; sets
+    the DiNTS stems' strides for anisotropic voxels, :func:`dints_stem_stride`)."""
     if cfg.space == "dints":
         d, s = cfg.dints, cfg.search
         return DintsSearchSpace(
@@ -63,6 +73,7 @@ def build_search_space(cfg: Config, in_channels: int, num_classes: int) -> Searc
             ram_cost_factor=s.ram_cost_factor, entropy_weight=s.entropy_weight, memory_weight=s.memory_weight,
             topology_weight=s.topology_weight, checkpoint_cells=s.checkpoint_cells,
             checkpoint_fraction=s.checkpoint_fraction, cpu_conv_routing=s.cpu_conv_routing, hard_budget=s.hard_budget,
+            stem_skip=d.stem_skip, stem_stride=dints_stem_stride(cfg, spacing),
         )
     if cfg.space == "autodeeplab":
         a = cfg.autodeeplab

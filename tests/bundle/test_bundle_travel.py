@@ -149,7 +149,7 @@ def test_monai_bundle_load_finds_the_inference_workflow(trained):
             "torch.save(net.state_dict(), 'loaded.pt')")
     done = without_dints3d(trained, code=code)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "DiNTS"
+    assert done.stdout.strip().splitlines()[-1] == "DiNTSStemSkip"  # scripts/networks.py, from the copy
     loaded, saved = torch.load(copy / "loaded.pt", weights_only=True), torch.load(copy / "models" / "model.pt",
                                                                                  weights_only=True)
     (copy / "loaded.pt").unlink()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from dints3d.spaces.base import ARCH_FORMAT_VERSION, Architecture
 from dints3d.spaces.dints.figure import dints_figure
 from dints3d.spaces.dints.operations import operation_names
 from dints3d.spaces.dints.topology import DintsTopology, patch_divisor
+from dints3d.utils.bundle_templates import template_module
 from dints3d.utils.errors import DintsError
 from dints3d.utils.figures import matplotlib_available
 
@@ -30,6 +31,22 @@ def quiet_monai():
     """MONAI's topology constructors print a timestamped hint on every build; keep our output clean."""
     with contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+def stem_stride_for_spacing(spacing: Sequence[float] | None) -> tuple[int, ...] | None:
+    """The stems' stride per axis for voxels of ``spacing`` (mm): 2 where the axis is at most twice as coarse as the
+    finest (nnU-Net's rule for pooling an axis), else 1; ``None`` when that is 2 everywhere (MONAI's stems)."""
+    if not spacing:
+        return None
+    finest = min(float(s) for s in spacing)
+    stride = tuple(2 if float(s) <= 2 * finest else 1 for s in spacing)
+    return None if set(stride) == {2} else stride
+
+
+def stem_skip_network() -> type[DiNTS]:
+    """:class:`DiNTSStemSkip`: MONAI's DiNTS plus the full-resolution skip, from the MSD bundle template's
+    ``scripts/networks.py`` (the file every exported bundle carries, so that it builds with MONAI alone)."""
+    return template_module("dints_msd", "networks").DiNTSStemSkip
 
 
 @dataclass
@@ -50,6 +67,10 @@ class DintsArchitecture(Architecture):
     spatial_dims: int = 3
     use_downsample: bool = True
     channel_mul_search: float = 0.5
+    #: the stride-2 stem's full-resolution features added to the output (:class:`DiNTSStemSkip`); false: the paper's
+    stem_skip: bool = False
+    #: the stems' stride per axis (1 or 2) for anisotropic voxels; None: 2 on every axis (needs stem_skip)
+    stem_stride: tuple[int, ...] | None = None
     provenance: dict = field(default_factory=dict)
 
     @property
@@ -72,6 +93,8 @@ class DintsArchitecture(Architecture):
             "num_depths": self.num_depths,
             "spatial_dims": self.spatial_dims,
             "use_downsample": self.use_downsample,
+            "stem_skip": self.stem_skip,
+            "stem_stride": list(self.stem_stride) if self.stem_stride else None,
             "channel_mul_search": self.channel_mul_search,
             "operations": list(operation_names(self.spatial_dims)),
             "node_a": self.node_a.astype(int).tolist(),
@@ -103,6 +126,20 @@ class DintsArchitecture(Architecture):
         use_downsample = data.get("use_downsample", True)
         if not isinstance(use_downsample, bool):
             raise DintsError(source, "'use_downsample' must be true or false")
+        stem_skip = data.get("stem_skip", False)
+        if not isinstance(stem_skip, bool):
+            raise DintsError(source, "'stem_skip' must be true or false")
+        if stem_skip and not use_downsample:
+            raise DintsError(source, "'stem_skip' needs 'use_downsample': true (without the stride-2 stem the cells "
+                             "already run at full resolution)")
+        stem_stride = data.get("stem_stride")
+        if stem_stride is not None:
+            if (not isinstance(stem_stride, list) or len(stem_stride) != spatial_dims
+                    or any(s not in (1, 2) or isinstance(s, bool) for s in stem_stride)):
+                raise DintsError(source, f"'stem_stride' must be null or {spatial_dims} values of 1 or 2, got "
+                                 f"{stem_stride!r}")
+            if not stem_skip:
+                raise DintsError(source, "'stem_stride' needs 'stem_skip': true (MONAI's DiNTS stems halve every axis)")
         channel_mul = data.get("channel_mul_search", 0.5)
         if not isinstance(channel_mul, (int, float)) or isinstance(channel_mul, bool) or channel_mul <= 0:
             raise DintsError(source, "'channel_mul_search' must be a positive number")
@@ -115,6 +152,8 @@ class DintsArchitecture(Architecture):
             arch_code_c=matrix("arch_code_c"),
             spatial_dims=int(spatial_dims),
             use_downsample=use_downsample,
+            stem_skip=stem_skip,
+            stem_stride=tuple(stem_stride) if stem_stride else None,
             channel_mul_search=float(channel_mul),
             provenance=provenance,
         )
@@ -169,8 +208,10 @@ class DintsArchitecture(Architecture):
         return f"this architecture ({self.num_depths} depths)"
 
     def headline(self) -> str:
+        skip = ", full-resolution skip" if self.stem_skip else ""
+        skip += f", stems strided {'×'.join(map(str, self.stem_stride))}" if self.stem_stride else ""
         return (f"DiNTS network ({self.num_blocks} blocks × {self.num_depths} resolutions, {self.num_active_paths} "
-                "active paths)")
+                f"active paths{skip})")
 
     def summary(self, channel_mul: float = 1.0) -> dict[str, Any]:
         """Grid, search width, and the active paths with how many use each operation."""
@@ -188,7 +229,7 @@ class DintsArchitecture(Architecture):
         """MONAI's ``TopologyInstance`` + ``DiNTS`` from the bundle's ``models/arch.json`` (``arch_ref``)."""
         a = "$" + arch_ref
         return {
-            "_target_": "DiNTS",
+            "_target_": "scripts.networks.DiNTSStemSkip" if self.stem_skip else "DiNTS",
             "dints_space": {
                 "_target_": "TopologyInstance", "channel_mul": "@channel_mul", "num_blocks": f"{a}['num_blocks']",
                 "num_depths": f"{a}['num_depths']", "spatial_dims": f"{a}['spatial_dims']",
@@ -198,6 +239,7 @@ class DintsArchitecture(Architecture):
             },
             "in_channels": "@in_channels", "num_classes": "@out_channels", "spatial_dims": f"{a}['spatial_dims']",
             "use_downsample": f"{a}['use_downsample']", "node_a": f"$torch.tensor({arch_ref}['node_a'])",
+            **({"stem_stride": f"{a}['stem_stride']"} if self.stem_stride else {}),
         }
 
     def build(self, in_channels: int, out_channels: int, channel_mul: float = 1.0, **kwargs: Any) -> nn.Module:
@@ -211,7 +253,10 @@ class DintsArchitecture(Architecture):
                 spatial_dims=self.spatial_dims,
                 use_downsample=self.use_downsample,
             )
-        return DiNTS(
+        network = stem_skip_network() if self.stem_skip else DiNTS
+        if self.stem_stride:
+            kwargs = {"stem_stride": self.stem_stride, **kwargs}
+        return network(
             dints_space=space,
             in_channels=in_channels,
             num_classes=out_channels,

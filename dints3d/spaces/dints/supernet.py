@@ -12,7 +12,7 @@ cells and oneDNN routing of CPU convolutions (:mod:`~dints3d.spaces.dints.cpu_co
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dints3d.spaces.base import Architecture, SearchSpace
 from dints3d.spaces.dints import regularizers as reg
-from dints3d.spaces.dints.architecture import DintsArchitecture, quiet_monai
+from dints3d.spaces.dints.architecture import DintsArchitecture, quiet_monai, stem_skip_network
 from dints3d.spaces.dints.cells import accumulate, activation, cell_forward
 from dints3d.spaces.dints.cpu_conv import route_cpu_convolutions
 from dints3d.spaces.dints.decode import decode_topology, decode_within_budget
@@ -81,6 +81,11 @@ class DintsSearchSpace(SearchSpace):
         entropy_weight, memory_weight, topology_weight: relative weights of the regularizers (docs/search.md).
         checkpoint_cells: recompute cell activations in backward to save memory.
         checkpoint_fraction: with ``checkpoint_cells``, the fraction of blocks (the first ones) checkpointed.
+        stem_skip: add the stride-2 stem's full-resolution features to the output
+            (:func:`~dints3d.spaces.dints.architecture.stem_skip_network`); decoded networks keep it. Ignored without
+            ``use_downsample`` (no stride-2 stem: the cells already run at full resolution).
+        stem_stride: with ``stem_skip``, the stems' stride per axis for anisotropic voxels
+            (:func:`~dints3d.spaces.dints.architecture.stem_stride_for_spacing`); decoded networks keep it.
         hard_budget: decode the best topology whose memory ratio is at most σ (the soft penalty alone lets the
             decoded network land above it).
         cpu_conv_routing: run batch-1 CPU fp32 convolutions through oneDNN where PyTorch would pick its slower
@@ -104,6 +109,8 @@ class DintsSearchSpace(SearchSpace):
         checkpoint_fraction: float = 1.0,
         cpu_conv_routing: bool = True,
         hard_budget: bool = True,
+        stem_skip: bool = True,
+        stem_stride: Sequence[int] | None = None,
     ):
         super().__init__()
         self.topology_space = _SupernetTopology(
@@ -115,7 +122,10 @@ class DintsSearchSpace(SearchSpace):
             checkpoint_cells=checkpoint_cells,
             checkpoint_fraction=checkpoint_fraction,
         )
-        self.net = DiNTS(
+        stem_skip = stem_skip and use_downsample
+        stem_stride = tuple(int(s) for s in stem_stride) if stem_skip and stem_stride else None
+        self.net = (stem_skip_network() if stem_skip else DiNTS)(
+            **({"stem_stride": stem_stride} if stem_stride else {}),
             dints_space=self.topology_space,
             in_channels=in_channels,
             num_classes=num_classes,
@@ -126,7 +136,8 @@ class DintsSearchSpace(SearchSpace):
             route_cpu_convolutions(self.net)
         self.hparams = dict(num_blocks=num_blocks, num_depths=num_depths, channel_mul=channel_mul,
                             use_downsample=use_downsample, spatial_dims=spatial_dims,
-                            cpu_conv_routing=cpu_conv_routing)
+                            cpu_conv_routing=cpu_conv_routing, stem_skip=stem_skip,
+                            stem_stride=stem_stride)
         self.ram_cost_factor = ram_cost_factor
         self.hard_budget = hard_budget
         self.entropy_weight, self.memory_weight, self.topology_weight = entropy_weight, memory_weight, topology_weight
@@ -242,6 +253,8 @@ class DintsSearchSpace(SearchSpace):
             arch_code_c=result.arch_code_c,
             spatial_dims=self.hparams["spatial_dims"],
             use_downsample=self.hparams["use_downsample"],
+            stem_skip=self.hparams["stem_skip"],
+            stem_stride=self.hparams["stem_stride"],
             channel_mul_search=self.hparams["channel_mul"],
         )
         info = {

@@ -10,12 +10,14 @@ import torch
 from monai.networks.nets import DiNTS, TopologySearch
 from support import F64_RTOL, rel_error
 
-from dints3d.spaces.dints.architecture import DintsArchitecture
+from dints3d.spaces.dints.architecture import DintsArchitecture, stem_stride_for_spacing
 from dints3d.spaces.dints.supernet import DintsSearchSpace
-from dints3d.spaces.factory import architecture_from_dict, load_architecture
+from dints3d.config import config_path, load_config
+from dints3d.spaces.factory import architecture_from_dict, build_search_space, load_architecture
 from dints3d.utils.errors import DintsError
 
-TINY = dict(num_blocks=3, num_depths=3, channel_mul=0.25, use_downsample=True, spatial_dims=3)
+#: MONAI's own network (no full-resolution skip), so that its forward is the reference
+TINY = dict(num_blocks=3, num_depths=3, channel_mul=0.25, use_downsample=True, spatial_dims=3, stem_skip=False)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,8 @@ def test_discrete_memory_ratio_orders_architectures(space):
         (lambda d: d["node_a"].pop(), "must be"),
         (lambda d: d.update(arch_code_a=[[0] * 7] * 3), "no active path"),
         (lambda d: d.update(num_blocks=5), "num_blocks"),
+        (lambda d: d.update(stem_skip="yes"), "'stem_skip' must be true or false"),
+        (lambda d: d.update(stem_skip=True, use_downsample=False), "'stem_skip' needs 'use_downsample': true"),
     ],
 )
 def test_bad_arch_json_is_refused_with_reason(space, mutate, message):
@@ -130,3 +134,91 @@ def test_disconnected_topology_is_refused(space):
     data["node_a"][0] = [1 - v for v in data["node_a"][0]] if sum(data["node_a"][0]) < 3 else [1, 0, 0]
     with pytest.raises(DintsError, match="node"):
         architecture_from_dict(data, "arch.json")
+
+
+def test_stem_skip_network_adds_the_full_resolution_stem_to_monais_output(space64):
+    """DiNTSStemSkip = MONAI's DiNTS with the first stem's full-resolution conv → norm output added to the input of
+    ``stem_finals``; the same state dict loads into both (no new parameter). Float64: exact up to summation order."""
+    arch, _ = space64.decode()
+    kwargs = dict(in_channels=2, out_channels=3, channel_mul=0.25)
+    plain = arch.build(**kwargs).double().eval()
+    arch.stem_skip = True
+    skipped = arch.build(**kwargs).double().eval()
+    assert type(skipped).__name__ == "DiNTSStemSkip" and isinstance(skipped, DiNTS)
+    skipped.load_state_dict(plain.state_dict())  # strict: the same parameters and buffers
+
+    stem = {}
+    plain.stem_down["0"].mod[2].register_forward_hook(lambda module, args, out: stem.update(out=out))
+    plain.stem_finals.register_forward_pre_hook(lambda module, args: (args[0] + stem["out"],))
+    x = torch.randn(2, 2, 32, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, reference = skipped(x), plain(x)
+    assert rel_error(ours, reference) < F64_RTOL
+    assert torch.jit.script(skipped)(x).allclose(ours)  # bundles export TorchScript
+
+
+def test_stem_skip_is_decoded_saved_and_void_without_the_stride_2_stem(tmp_path):
+    space = DintsSearchSpace(in_channels=1, num_classes=2, num_blocks=2, num_depths=2, channel_mul=0.125)
+    assert space.hparams["stem_skip"] and type(space.net).__name__ == "DiNTSStemSkip"
+    arch, _ = space.decode()
+    loaded = load_architecture(arch.save(tmp_path / "arch.json"))
+    assert loaded.stem_skip and loaded.bundle_network()["_target_"] == "scripts.networks.DiNTSStemSkip"
+    old = {key: value for key, value in arch.to_dict().items() if key != "stem_skip"}
+    assert not architecture_from_dict(old, "old arch.json").stem_skip  # files from before the option: the paper's
+    full_resolution = DintsSearchSpace(1, 2, num_blocks=2, num_depths=2, channel_mul=0.125, use_downsample=False)
+    assert not full_resolution.hparams["stem_skip"] and not full_resolution.decode()[0].stem_skip
+
+
+@pytest.mark.parametrize("spacing, stride", [
+    ((0.8, 0.8, 2.8), (2, 2, 1)),   # thick slices: the coarse axis is not halved by the stems
+    ((1.0, 1.0, 1.0), None),         # isotropic: MONAI's stems
+    ((1.0, 1.5, 2.0), None),         # at most twice the finest: still halved (nnU-Net's rule)
+    ((3.0, 1.0, 1.0), (1, 2, 2)),
+    ((0.5, 0.5), None),
+    (None, None),
+])
+def test_stem_stride_follows_nnunets_rule_for_pooling_an_axis(spacing, stride):
+    assert stem_stride_for_spacing(spacing) == stride
+
+
+def test_anisotropic_stems_halve_only_the_fine_axes(tmp_path):
+    """Depth d of the space has spatial / (2^d · stem_stride) voxels; the output is on the input grid; the decoded
+    network keeps the stride through arch.json and the bundle's network definition; TorchScript agrees."""
+    torch.manual_seed(0)
+    space = DintsSearchSpace(1, 2, num_blocks=2, num_depths=3, channel_mul=0.125, stem_stride=(2, 2, 1))
+    seen = []
+    space.net.dints_space.register_forward_pre_hook(lambda module, args: seen.extend(t.shape[2:] for t in args[0]))
+    x = torch.randn(1, 1, 32, 32, 16)
+    assert space(x).shape == (1, 2, 32, 32, 16)
+    assert seen == [(16, 16, 16), (8, 8, 8), (4, 4, 4)]
+    arch, _ = space.decode()
+    loaded = load_architecture(arch.save(tmp_path / "arch.json"))
+    assert loaded.stem_stride == (2, 2, 1) and loaded.bundle_network()["stem_stride"] == "$@arch['stem_stride']"
+    net = loaded.build(1, 2, channel_mul=0.125).eval()
+    with torch.no_grad():
+        assert net(x).shape == (1, 2, 32, 32, 16)
+        assert torch.jit.script(net)(x).allclose(net(x))
+    isotropic = DintsSearchSpace(1, 2, num_blocks=2, num_depths=3, channel_mul=0.125, stem_skip=False,
+                                 stem_stride=(2, 2, 1))
+    assert isotropic.hparams["stem_stride"] is None  # MONAI's stems cannot take it
+
+
+@pytest.mark.parametrize("stride, message", [
+    ([2, 2], "3 values of 1 or 2"), ([2, 2, 3], "3 values of 1 or 2"), ("221", "3 values of 1 or 2"),
+])
+def test_bad_stem_stride_is_refused(space, stride, message):
+    data = json.loads(json.dumps(space.decode()[0].to_dict()))
+    data.update(stem_skip=True, stem_stride=stride)
+    with pytest.raises(DintsError, match=message):
+        architecture_from_dict(data, "arch.json")
+    data.update(stem_skip=False, stem_stride=[2, 2, 1])
+    with pytest.raises(DintsError, match="'stem_stride' needs 'stem_skip': true"):
+        architecture_from_dict(data, "arch.json")
+
+
+def test_the_search_space_takes_its_stem_stride_from_the_plans_spacing():
+    cfg = load_config(config_path("demo"))
+    assert build_search_space(cfg, 1, 2, [0.8, 0.8, 2.8]).hparams["stem_stride"] == (2, 2, 1)
+    assert build_search_space(cfg, 1, 2, [1.0, 1.0, 1.0]).hparams["stem_stride"] is None
+    off = load_config(config_path("demo"), ["dints.anisotropic_stem=false"])
+    assert build_search_space(off, 1, 2, [0.8, 0.8, 2.8]).hparams["stem_stride"] is None

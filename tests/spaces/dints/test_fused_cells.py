@@ -19,7 +19,7 @@ TINY = dict(num_blocks=3, num_depths=3, channel_mul=0.25, use_downsample=True)
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
-    ours = DintsSearchSpace(in_channels=1, num_classes=3, **TINY)
+    ours = DintsSearchSpace(in_channels=1, num_classes=3, stem_skip=False, **TINY)  # MONAI's DiNTS: the reference
     with torch.no_grad():
         ours.log_alpha_a.normal_(0, 1)
         ours.log_alpha_c.normal_(1, 1)
