@@ -13,7 +13,8 @@ Candidates, for each fold k (their models are trained on fold k's training cases
 - ``searched (dints recipe)``: the searched network trained with the DiNTS paper's recipe instead of nnU-Net's.
 
 Reported per candidate: Dice per class over the out-of-fold cases (mean ± sd over folds of the fold means), the mean
-foreground Dice, parameters, predicted training peak (CUDA rule, AMP, batch as trained), training wall time per fold
+foreground Dice, the searched network's paired gap to the candidate (``searched − candidate`` per fold, on the same
+validation cases: mean ± sd over folds, the spread a claimed win must exceed), parameters, predicted training peak (CUDA rule, AMP, batch as trained), training wall time per fold
 on this machine (one validation, at the end: ``model.pt`` is the final model). Every stage is skipped when its output exists (rerun to resume). Prints a markdown table per task
 and, last, one JSON line; writes ``OUT/<task>/results.json`` and ``OUT/results.md``.
 
@@ -163,6 +164,7 @@ def task_results(args: argparse.Namespace, task: str) -> dict:
         rows[name] = {
             "dice": {cls: _spread(values) for cls, values in classes.items()},
             "mean_foreground_dice": summary["fold_mean_dice"],
+            "fold_dice": {k: f["mean_foreground_dice"] for k, f in summary["per_fold"].items()},
             "parameters": statistics.mean(f["parameters"] for f in folds),
             "peak_gib": statistics.mean(f["peak_bytes"] for f in folds) / 2**30,
             "seconds_per_fold": statistics.mean(f["seconds"] for f in folds),
@@ -182,19 +184,33 @@ def _spread(values: list) -> dict:
             "sd": statistics.stdev(finite) if len(finite) > 1 else 0.0}
 
 
+def paired_gap(rows: dict, name: str) -> str:
+    """``searched − name`` in mean foreground Dice, fold by fold (the same validation cases): mean ± sd over folds."""
+    if name == "searched" or "searched" not in rows:
+        return ""
+    ours, theirs = rows["searched"]["fold_dice"], rows[name]["fold_dice"]
+    gaps = [ours[k] - theirs[k] for k in ours if k in theirs and None not in (ours[k], theirs[k])]
+    if not gaps:
+        return ""
+    return f"{statistics.mean(gaps):+.3f}" + (f" ± {statistics.stdev(gaps):.3f}" if len(gaps) > 1 else "")
+
+
 def table(result: dict) -> str:
+    """Markdown, best first: per-class and mean foreground Dice (mean ± sd of the fold means), the searched network's
+    paired gap to each row (``searched − row``, fold by fold), size, predicted memory and training time."""
     classes = list(next(iter(result["rows"].values()))["dice"])
-    head = ["network", *[f"Dice {c}" for c in classes], "mean fg Dice", "parameters", "pred. peak (GiB)",
-            "train s/fold"]
+    head = ["network", *[f"Dice {c}" for c in classes], "mean fg Dice", "searched − this (paired)", "parameters",
+            "pred. peak (GiB)", "train s/fold"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = max(r["mean_foreground_dice"]["mean"] or 0 for r in result["rows"].values())
     for name, r in sorted(result["rows"].items(), key=lambda kv: -(kv[1]["mean_foreground_dice"]["mean"] or 0)):
         mean = r["mean_foreground_dice"]
         one_fold = result["folds_run"] == 1  # no fold-to-fold spread to show
         cells = [f"{d['mean']:.3f}" + ("" if one_fold else f" ± {d['sd']:.3f}") for d in r["dice"].values()]
-        overall = f"{mean['mean']:.3f}" + ("" if one_fold else f" ± {mean['std']:.3f}")
+        spread = _spread(list(r["fold_dice"].values()))["sd"] if "fold_dice" in r else mean["std"]  # sample sd
+        overall = f"{mean['mean']:.3f}" + ("" if one_fold else f" ± {spread:.3f}")
         lines.append("| " + " | ".join([name, *cells, f"**{overall}**" if mean["mean"] == best else overall,
-                                         f"{r['parameters'] / 1e6:.2f} M", f"{r['peak_gib']:.2f}",
+                                         paired_gap(result["rows"], name), f"{r['parameters'] / 1e6:.2f} M", f"{r['peak_gib']:.2f}",
                                          f"{r['seconds_per_fold']:.0f}"]) + " |")
     return "\n".join(lines)
 
