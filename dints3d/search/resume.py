@@ -55,10 +55,23 @@ def loop_state(saved: dict, cfg: Config, world_size: int) -> LoopState:
     return state
 
 
+#: DiNTS network options added after searches were first saved, with the value those searches ran with (the paper's
+#: network); today's defaults differ, so a checkpoint without them must not resume under the new network silently
+NETWORK_OPTIONS_BEFORE = {"stem_skip": False, "anisotropic_stem": False}
+
+
+def before_network_options(config: dict) -> dict:
+    """``config`` (a checkpoint's) with the DiNTS options it predates set to what it ran with (a DiNTS search's only:
+    other spaces never read them)."""
+    if not isinstance(config, dict) or not isinstance(config.get("dints"), dict) or config.get("space") != "dints":
+        return config
+    return {**config, "dints": {**NETWORK_OPTIONS_BEFORE, **config["dints"]}}
+
+
 def check_resumable_config(saved: dict, cfg: Config, path: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's outside :data:`RESUME_MAY_CHANGE`; warn
     about the changes allowed."""
-    then = config_to_dict(config_from_dict(saved["config"], str(path)))
+    then = config_to_dict(config_from_dict(before_network_options(saved["config"]), str(path)))
     changes = changed_settings(then, config_to_dict(cfg))
     _, refused = split_changes(changes, RESUME_MAY_CHANGE)
     if refused:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dints3d.cli import main
-from dints3d.config import load_config
+from dints3d.config import config_path, config_to_dict, load_config
 from dints3d.search.loop import SearchRun
+from dints3d.search.resume import check_resumable_config
 from dints3d.spaces.factory import load_architecture
 from dints3d.utils.checkpoint import load_checkpoint
 from dints3d.utils.errors import DintsError
@@ -294,3 +295,16 @@ def test_resume_auto_continues_only_when_a_checkpoint_exists(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.prev.pt").write_bytes(b"")
     assert wants_resume("auto", tmp_path) and not wants_resume(None, tmp_path)
+
+
+def test_a_search_saved_before_the_network_options_resumes_only_as_it_ran(tmp_path):
+    """A checkpoint whose config has no dints.stem_skip / anisotropic_stem ran the paper's network: resuming it under
+    today's defaults (both on) is refused with the key named; with both set to false it resumes."""
+    old = config_to_dict(load_config(config_path("demo")))
+    for key in ("stem_skip", "anisotropic_stem"):
+        del old["dints"][key]
+    saved = {"config": old, "loop": {"iteration": 1}}
+    with pytest.raises(DintsError, match=r"dints.anisotropic_stem: False then, True now"):
+        check_resumable_config(saved, load_config(config_path("demo")), tmp_path / "last.pt")
+    as_it_ran = load_config(config_path("demo"), ["dints.stem_skip=false", "dints.anisotropic_stem=false"])
+    check_resumable_config(saved, as_it_ran, tmp_path / "last.pt")
