@@ -16,6 +16,7 @@ from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
 from dints3d.spaces.autodeeplab.operations import CELL_OPERATIONS
 from dints3d.spaces.dints.architecture import (
     DintsArchitecture,
+    network_options,
     random_dints_architecture,
 )
 from dints3d.spaces.dints.operations import operation_names
@@ -170,22 +171,22 @@ class DintsSampler(NetworkSampler):
                  stem_stride: tuple[int, ...] | None = None):
         super().__init__(limit)
         self.num_blocks, self.num_depths, self.spatial_dims = num_blocks, num_depths, spatial_dims
-        self.use_downsample, self.stem_skip = use_downsample, stem_skip
-        self.stem_stride = stem_stride if stem_skip and use_downsample else None
+        self.use_downsample = use_downsample
+        self.options = network_options(use_downsample, stem_skip, stem_stride)
         topo = DintsTopology(num_depths)
         self.path_in, self.path_out = topo.path_in.numpy(), topo.path_out.numpy()
         self.num_ops = len(operation_names(spatial_dims))
 
     def _shape(self) -> dict:
         return {"num_blocks": self.num_blocks, "num_depths": self.num_depths, "spatial_dims": self.spatial_dims,
-                "use_downsample": self.use_downsample, "stem_skip": self.stem_skip,
-                "stem_stride": list(self.stem_stride) if self.stem_stride else None}
+                "use_downsample": self.use_downsample, "stem_skip": self.options["stem_skip"],
+                "stem_stride": list(self.options["stem_stride"]) if self.options["stem_stride"] else None}
 
     def _draw(self, rng: np.random.Generator):
         arch = random_dints_architecture(self.num_blocks, self.num_depths, rng, self.spatial_dims,
                                          keep=rng.uniform(0.25, 1.0))
-        arch.use_downsample, arch.stem_skip, arch.provenance = self.use_downsample, self.stem_skip, {}
-        arch.stem_stride = self.stem_stride
+        arch.use_downsample, arch.provenance = self.use_downsample, {}
+        arch.stem_skip, arch.stem_stride = self.options["stem_skip"], self.options["stem_stride"]
         return arch
 
     def _changed(self, arch, rng: np.random.Generator):
@@ -208,7 +209,7 @@ class DintsSampler(NetworkSampler):
             a[layer, p], c[layer, p] = 0, 0
         candidate = DintsArchitecture(node_a=arch.node_a.copy(), arch_code_a=a, arch_code_c=c,
                                       spatial_dims=self.spatial_dims, use_downsample=self.use_downsample,
-                                      stem_skip=self.stem_skip, stem_stride=self.stem_stride)
+                                      **self.options)
         try:
             candidate.check()
         except DintsError:  # a dropped path was a node's only way in or out

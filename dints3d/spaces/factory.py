@@ -12,7 +12,11 @@ from dints3d.spaces.autodeeplab.architecture import AutoDeepLabArchitecture
 from dints3d.spaces.autodeeplab.supernet import AutoDeepLabSearchSpace
 from dints3d.spaces.base import Architecture, SearchSpace, check_document
 from dints3d.spaces.baselines.networks import BASELINES, plan_baseline
-from dints3d.spaces.dints.architecture import DintsArchitecture, stem_stride_for_spacing
+from dints3d.spaces.dints.architecture import (
+    DintsArchitecture,
+    network_options,
+    stem_stride_for_spacing,
+)
 from dints3d.spaces.dints.supernet import DintsSearchSpace
 from dints3d.spaces.dpc.architecture import DpcArchitecture
 from dints3d.utils.errors import DintsError
@@ -56,9 +60,9 @@ def load_architecture(path_or_preset: str | os.PathLike, plan: Mapping | None = 
 def dints_stem_stride(cfg: Config, spacing: Sequence[float] | None) -> tuple[int, ...] | None:
     """The DiNTS stems' stride per axis for the plan's target ``spacing`` (``dints.anisotropic_stem``), or None."""
     d = cfg.dints
-    if not (d.anisotropic_stem and d.stem_skip and d.use_downsample) or not spacing:
+    if not d.anisotropic_stem or not spacing:
         return None
-    return stem_stride_for_spacing(spacing)
+    return network_options(d.use_downsample, d.stem_skip, stem_stride_for_spacing(spacing))["stem_stride"]
 
 
 def build_search_space(cfg: Config, in_channels: int, num_classes: int,

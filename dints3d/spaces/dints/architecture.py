@@ -43,6 +43,16 @@ def stem_stride_for_spacing(spacing: Sequence[float] | None) -> tuple[int, ...] 
     return None if set(stride) == {2} else stride
 
 
+def network_options(use_downsample: bool, stem_skip: bool,
+                    stem_stride: Sequence[int] | None = None) -> dict[str, Any]:
+    """The fixed-part options a DiNTS network with this stem really gets (``DintsArchitecture``'s fields):
+    ``stem_skip`` only with the stride-2 stem (``use_downsample``; without it the cells already run at full
+    resolution), ``stem_stride`` only with ``stem_skip`` (:class:`DiNTSStemSkip` builds it; MONAI's stems halve every
+    axis)."""
+    skip = bool(stem_skip and use_downsample)
+    return {"stem_skip": skip, "stem_stride": tuple(int(s) for s in stem_stride) if skip and stem_stride else None}
+
+
 def stem_skip_network() -> type[DiNTS]:
     """:class:`DiNTSStemSkip`: MONAI's DiNTS plus the full-resolution skip, from the MSD bundle template's
     ``scripts/networks.py`` (the file every exported bundle carries, so that it builds with MONAI alone)."""

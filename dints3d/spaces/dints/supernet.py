@@ -23,7 +23,12 @@ from torch.utils.checkpoint import checkpoint
 
 from dints3d.spaces.base import Architecture, SearchSpace
 from dints3d.spaces.dints import regularizers as reg
-from dints3d.spaces.dints.architecture import DintsArchitecture, quiet_monai, stem_skip_network
+from dints3d.spaces.dints.architecture import (
+    DintsArchitecture,
+    network_options,
+    quiet_monai,
+    stem_skip_network,
+)
 from dints3d.spaces.dints.cells import accumulate, activation, cell_forward
 from dints3d.spaces.dints.cpu_conv import route_cpu_convolutions
 from dints3d.spaces.dints.decode import decode_topology, decode_within_budget
@@ -122,8 +127,8 @@ class DintsSearchSpace(SearchSpace):
             checkpoint_cells=checkpoint_cells,
             checkpoint_fraction=checkpoint_fraction,
         )
-        stem_skip = stem_skip and use_downsample
-        stem_stride = tuple(int(s) for s in stem_stride) if stem_skip and stem_stride else None
+        options = network_options(use_downsample, stem_skip, stem_stride)
+        stem_skip, stem_stride = options["stem_skip"], options["stem_stride"]
         self.net = (stem_skip_network() if stem_skip else DiNTS)(
             **({"stem_stride": stem_stride} if stem_stride else {}),
             dints_space=self.topology_space,
@@ -136,8 +141,7 @@ class DintsSearchSpace(SearchSpace):
             route_cpu_convolutions(self.net)
         self.hparams = dict(num_blocks=num_blocks, num_depths=num_depths, channel_mul=channel_mul,
                             use_downsample=use_downsample, spatial_dims=spatial_dims,
-                            cpu_conv_routing=cpu_conv_routing, stem_skip=stem_skip,
-                            stem_stride=stem_stride)
+                            cpu_conv_routing=cpu_conv_routing, **options)
         self.ram_cost_factor = ram_cost_factor
         self.hard_budget = hard_budget
         self.entropy_weight, self.memory_weight, self.topology_weight = entropy_weight, memory_weight, topology_weight

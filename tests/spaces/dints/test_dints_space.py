@@ -10,10 +10,19 @@ import torch
 from monai.networks.nets import DiNTS, TopologySearch
 from support import F64_RTOL, rel_error
 
-from dints3d.spaces.dints.architecture import DintsArchitecture, stem_stride_for_spacing
-from dints3d.spaces.dints.supernet import DintsSearchSpace
 from dints3d.config import config_path, load_config
-from dints3d.spaces.factory import architecture_from_dict, build_search_space, load_architecture
+from dints3d.random_search.samplers import DintsSampler
+from dints3d.spaces.dints.architecture import (
+    DintsArchitecture,
+    network_options,
+    stem_stride_for_spacing,
+)
+from dints3d.spaces.dints.supernet import DintsSearchSpace
+from dints3d.spaces.factory import (
+    architecture_from_dict,
+    build_search_space,
+    load_architecture,
+)
 from dints3d.utils.errors import DintsError
 
 #: MONAI's own network (no full-resolution skip), so that its forward is the reference
@@ -201,6 +210,23 @@ def test_anisotropic_stems_halve_only_the_fine_axes(tmp_path):
     isotropic = DintsSearchSpace(1, 2, num_blocks=2, num_depths=3, channel_mul=0.125, stem_skip=False,
                                  stem_stride=(2, 2, 1))
     assert isotropic.hparams["stem_stride"] is None  # MONAI's stems cannot take it
+
+
+@pytest.mark.parametrize("use_downsample, stem_skip, stem_stride, expected", [
+    (True, True, [2, 2, 1], {"stem_skip": True, "stem_stride": (2, 2, 1)}),
+    (True, True, None, {"stem_skip": True, "stem_stride": None}),
+    (True, False, [2, 2, 1], {"stem_skip": False, "stem_stride": None}),   # MONAI's stems halve every axis
+    (False, True, [2, 2, 1], {"stem_skip": False, "stem_stride": None}),   # no stride-2 stem: nothing to skip
+])
+def test_network_options_hold_the_one_rule_the_space_the_sampler_and_the_factory_share(
+        use_downsample, stem_skip, stem_stride, expected):
+    assert network_options(use_downsample, stem_skip, stem_stride) == expected
+    space = DintsSearchSpace(1, 2, num_blocks=2, num_depths=2, channel_mul=0.125, use_downsample=use_downsample,
+                             stem_skip=stem_skip, stem_stride=stem_stride)
+    assert {key: space.hparams[key] for key in expected} == expected
+    arch = DintsSampler(2, 2, 3, use_downsample, stem_skip=stem_skip, stem_stride=stem_stride).uniform(
+        np.random.default_rng(0))
+    assert (arch.stem_skip, arch.stem_stride) == (expected["stem_skip"], expected["stem_stride"])
 
 
 @pytest.mark.parametrize("stride, message", [
