@@ -447,6 +447,8 @@ class SearchRun:
             summary = {"iterations": self.state.iteration, "best_validation_dice": self.state.best_dice,
                        "validation_metric": validation_metric(self.plan)[0],
                        "nonfinite_steps": self.state.nonfinite_total, **info}
+            if hasattr(arch, "unused_depths"):
+                summary["unused_depths"] = arch.unused_depths()
             write_json(self.out / "summary.json", summary)
             self.writer.flush()
             return path

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dints3d.config import config_path, load_config
 from dints3d.search.loop import SearchRun
+from dints3d.spaces.base import Architecture
+from dints3d.spaces.dints.architecture import DintsArchitecture
+from dints3d.spaces.factory import load_architecture
 from dints3d.utils.checkpoint import has_checkpoint
 from dints3d.utils.runtime import init_runtime
 
@@ -38,6 +42,20 @@ def wants_resume(mode: str | None, out: str | Path) -> bool:
     return mode == "yes"
 
 
+def finest_depth_warning(arch: Architecture) -> str | None:
+    """A warning when a decoded DiNTS network runs no cell at the finest searched depth: every cell then works at a
+    quarter of the input's resolution or coarser, which thin structures pay for (docs/accuracy.md: at σ = 0.4 the
+    hard budget decoded a chain at the coarsest depth only). None for other networks or when depth 0 is used."""
+    unused = arch.unused_depths() if isinstance(arch, DintsArchitecture) else []
+    if 0 not in unused:
+        return None
+    sigma = arch.provenance.get("ram_cost_factor")
+    budget = f" (σ = {sigma:g})" if isinstance(sigma, (int, float)) else ""
+    return (f"warning: the decoded network uses no cell at depth 0, the finest searched resolution (unused depths: "
+            f"{', '.join(map(str, unused))}): the memory budget{budget} left it none. If thin structures matter, "
+            "raise search.ram_cost_factor or search.memory_budget_gb, and compare with a baseline (dints3d select)")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(config_path(args.config), args.overrides, args.overlays)
     runtime = init_runtime(cfg.device)
@@ -52,4 +70,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"architecture: {arch_path}")
             print(f"picture:      {arch_path.parent / 'arch.png'}")
+            warning = finest_depth_warning(load_architecture(arch_path))
+            if warning:
+                print(warning, file=sys.stderr)
     return 0

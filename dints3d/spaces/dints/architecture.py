@@ -95,6 +95,11 @@ class DintsArchitecture(Architecture):
     def num_active_paths(self) -> int:
         return int(self.arch_code_a.sum())
 
+    def unused_depths(self) -> list[int]:
+        """The depths (0: the finest searched resolution) that no layer reads or writes: a tight budget may drop
+        them all but the coarsest."""
+        return [d for d in range(self.num_depths) if not self.node_a[:, d].any()]
+
     def to_dict(self) -> dict:
         return {
             "space": self.space,
