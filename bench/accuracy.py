@@ -21,6 +21,14 @@ and, last, one JSON line; writes ``OUT/<task>/results.json`` and ``OUT/results.m
     python bench/accuracy.py --out runs/accuracy [--tasks ct brain] [--folds 5] [--iterations 300]
 
 ``--run-folds N`` trains and scores only the first N folds of the K-fold split (mean ± sd over those N folds);
+``--fold-list 1,3`` only the listed folds. Since every stage resumes, folds can run in parallel processes on one
+``--out`` (start the second once ``OUT/<task>/work/plan.json`` exists); a last run with ``--run-folds K`` then only
+collects and scores what they trained:
+
+    python bench/accuracy.py --out runs/cv --tasks brain --fold-list 0,2,4 &   # one process per core
+    python bench/accuracy.py --out runs/cv --tasks brain --fold-list 1,3
+    python bench/accuracy.py --out runs/cv --tasks brain --run-folds 5          # the table over all 5 folds
+
 ``--candidates`` keeps the named rows only (e.g. ``searched "segresnet @mem" "dynunet @mem" "segresnet default"``).
 """
 
@@ -62,6 +70,16 @@ TASKS = {
 
 def patch_of(args: argparse.Namespace) -> list[int]:
     return [int(p) for p in args.patch.split(",")]
+
+
+def folds_to_run(args: argparse.Namespace) -> list[int]:
+    """``--fold-list`` if given, else the first ``--run-folds`` (default: all) folds."""
+    if args.fold_list:
+        folds = [int(f) for f in args.fold_list.split(",")]
+        if any(not 0 <= f < args.folds for f in folds):
+            raise SystemExit(f"--fold-list {args.fold_list}: folds are 0 … {args.folds - 1}")
+        return folds
+    return list(range(args.run_folds or args.folds))
 
 
 def settings(args: argparse.Namespace, fold: int) -> list[str]:
@@ -143,7 +161,7 @@ def task_results(args: argparse.Namespace, task: str) -> dict:
         prepare(root / "task", work, folds=args.folds, seed=args.seed, config=config, progress=False)
     datalist = read_json(work / "datalist.json")
     per_fold: dict[str, list[dict]] = {}
-    for fold in range(args.run_folds or args.folds):
+    for fold in folds_to_run(args):
         arch_file = searched(args, root, work, fold)
         for name, spec in candidates(args, work, arch_file).items():
             if args.candidates and name not in args.candidates:
@@ -171,7 +189,7 @@ def task_results(args: argparse.Namespace, task: str) -> dict:
             "channel_mul": [f["channel_mul"] for f in folds], "recipe": folds[0]["recipe"],
         }
     result = {"task": task, "cases": len(datalist["training"]), "folds": args.folds,
-              "folds_run": args.run_folds or args.folds, "iterations": args.iterations,
+              "folds_run": len(folds_to_run(args)), "iterations": args.iterations,
               "search_iterations": args.search_iterations, "patch": patch_of(args),
               "rows": rows}
     write_json(root / "results.json", result)
@@ -227,6 +245,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for search and training (e.g. dints.use_downsample=false)")
     parser.add_argument("--run-folds", type=int, help="train and score only the first N folds (default: all)")
+    parser.add_argument("--fold-list", metavar="K,K,…", help="train and score only these folds (e.g. 1,3)")
     parser.add_argument("--candidates", nargs="+", metavar="NAME", help="only these rows (default: all)")
     parser.add_argument("--search-iterations", type=int, default=120)
     parser.add_argument("--blocks", type=int, default=4, help="DiNTS layers searched")
