@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from dints3d.bundle.crossval import (
     fold_dir,
@@ -143,11 +144,12 @@ def run_fold(args: argparse.Namespace, root: Path, work: Path, fold: int, name: 
     plan = read_json(work / "plan.json")
     arch = load_architecture(bundle / "models" / "arch.json")
     channels, classes = int(plan["in_channels"]), int(plan["out_channels"])
-    model = arch.build(channels, classes, channel_mul=spec["channel_mul"])
-    return {"bundle": bundle, "seconds": read_json(timing)["seconds"],
+    # the width the bundle was trained at (a resumed or reused bundle keeps it even if the sizing has moved since)
+    channel_mul = float(yaml.safe_load((bundle / "configs" / "inference.yaml").read_text())["channel_mul"])
+    model = arch.build(channels, classes, channel_mul=channel_mul)
+    return {"bundle": bundle, "seconds": read_json(timing)["seconds"], "channel_mul": channel_mul,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "peak_bytes": peak_bytes(arch, channels, classes, patch_of(args), spec["channel_mul"], PATCHES_PER_STEP,
-                                    True)}
+            "peak_bytes": peak_bytes(arch, channels, classes, patch_of(args), channel_mul, PATCHES_PER_STEP, True)}
 
 
 def task_results(args: argparse.Namespace, task: str) -> dict:
