@@ -43,6 +43,7 @@ from dints3d.search.resume import (
     restore_rng,
 )
 from dints3d.search.schedule import regularizer_ramp, warmup_iterations, weight_lr
+from dints3d.spaces.dints.architecture import DintsArchitecture
 from dints3d.spaces.factory import build_search_space
 from dints3d.utils.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from dints3d.utils.errors import DintsError
@@ -447,7 +448,7 @@ class SearchRun:
             summary = {"iterations": self.state.iteration, "best_validation_dice": self.state.best_dice,
                        "validation_metric": validation_metric(self.plan)[0],
                        "nonfinite_steps": self.state.nonfinite_total, **info}
-            if hasattr(arch, "unused_depths"):
+            if isinstance(arch, DintsArchitecture):
                 summary["unused_depths"] = arch.unused_depths()
             write_json(self.out / "summary.json", summary)
             self.writer.flush()

@@ -56,6 +56,9 @@ def test_search_cli_writes_every_output(search_work, tiny, tmp_path):
     net = load_architecture(out / "arch.json").build(in_channels=1, out_channels=3, channel_mul=0.25)
     with torch.no_grad():
         assert net(torch.randn(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+    # the summary names the depths the decoded DiNTS network leaves unused (the same list the CLI warns about)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unused_depths"] == load_architecture(out / "arch.json").unused_depths()
 
 
 def test_resumed_search_equals_uninterrupted(search_work, tiny, tmp_path):
