@@ -166,7 +166,8 @@ def choose(candidates: list[Candidate], alpha: float) -> tuple[Candidate, dict[s
         best_baseline = max(baselines, key=lambda c: c.mean)
         best_searched = max(searched, key=lambda c: c.mean)
         verb = "loses to" if best_searched.mean < best_baseline.mean else "does not significantly beat"
-        why += (f". The searched network {best_searched.name} ({best_searched.mean:.4f}) {verb} the best baseline "
+        label = "" if best_searched.name == "searched" else f" {best_searched.name}"
+        why += (f". The searched network{label} ({best_searched.mean:.4f}) {verb} the best baseline "
                 f"{best_baseline.name} ({best_baseline.mean:.4f}): the baseline ships, not the search's network")
     return chosen, {"best": best.name, "p_values_vs_best": p_values, "why": why}
 

@@ -58,6 +58,9 @@ def test_a_searched_network_that_loses_never_ships():
     chosen, decision = choose([searched, baseline], alpha=0.05)
     assert chosen is baseline
     assert "loses to the best baseline" in decision["why"] and "the baseline ships" in decision["why"]
+    assert "The searched network (0.5" in decision["why"]  # named once, not "The searched network searched"
+    renamed = candidate("dints-seed1", SEARCHED, noisy(0.6, 2))
+    assert "The searched network dints-seed1 (0.5" in choose([renamed, baseline], alpha=0.05)[1]["why"]
     assert paired_p(baseline, baseline) == 1.0
 
 
