@@ -132,8 +132,10 @@ def main() -> int:
             "random search (best of K)": (load_architecture(random_arch), width),
             "one uniform random sample": (architecture_from_dict(rows[0].arch), width),
         }
+        # planned for the patch this bench trains (the plan's own patch is larger), one loss for every row
+        bench_plan = {**plan, "patch_size": list(patch)}
         for name in ("segresnet", "dynunet"):
-            baseline = load_architecture(name, plan, deep_supervision=False)  # one loss for every row
+            baseline = load_architecture(name, bench_plan, deep_supervision=False)
             mul, _ = channel_mul_for_memory(baseline, channels, classes, patch, target, batch=patches, amp=True)
             candidates[f"{baseline.display_name} @ equal memory"] = (baseline, mul)
         results = {}
