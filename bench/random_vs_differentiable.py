@@ -15,6 +15,10 @@
    with the same schedule from several seeds on the whole pool and scored on the held-out cases. Each row states
    its predicted peak memory relative to the searched network's.
 
+``--search-seeds N`` repeats steps 2–4 with search seeds seed … seed+N−1 on the same data and split (the baselines
+are sized once, to the searched networks' mean predicted memory): one search seed cannot rank two search methods,
+the spread over search seeds is reported per row.
+
 Prints a table and, last, one JSON line. ``--scale`` multiplies every iteration count.
 """
 
@@ -79,7 +83,10 @@ def main() -> int:
     parser.add_argument("--trial-iterations", type=int, default=40)
     parser.add_argument("--retrain-iterations", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3, help="retraining seeds per architecture")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="data seed and first search seed")
+    parser.add_argument("--search-seeds", type=int, default=1,
+                        help="repeat both searches with this many search seeds (seed, seed+1, …): one search seed "
+                             "cannot rank two search methods")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every iteration count")
     parser.add_argument("--keep", help="keep the run folders here instead of a temporary folder")
@@ -95,81 +102,124 @@ def main() -> int:
         task = make_msd_task(root / "task", cases=args.cases, test_cases=0, size=args.size, seed=args.seed + 11)
         prepare(task, root / "work", folds=2, seed=args.seed, progress=False)
         split = held_out_datalist(root / "work", args.held_out, validation=3)
-        cfg = load_config(None, settings(args))
+        seeds = list(range(args.seed, args.seed + args.search_seeds))
+        pairs = {s: search_pair(args, root, runtime, s, args.search_seeds > 1) for s in seeds}
+        first = pairs[seeds[0]]["search"]
 
-        start = time.process_time()
-        search = SearchRun(cfg, root / "work", root / "search", runtime)
-        search_arch = search.run()
-        search.close()
-        search_seconds = time.process_time() - start
-        print(f"differentiable search: {args.search_iterations} iterations in {search_seconds:.0f} CPU s",
-              file=sys.stderr)
-
-        random_cfg = load_config(None, [*settings(args), f"random_search.hours={search_seconds / 3600}"])
-        start = time.process_time()
-        random = network_random_search(random_cfg, root / "work", root / "random", runtime, "dints")
-        random.clock = time.process_time
-        random_arch = random.run()
-        random_seconds = time.process_time() - start
-        rows = read_rows(root / "random" / "trials.csv")
-        print(f"random search: {len(rows)} trials in {random_seconds:.0f} CPU s", file=sys.stderr)
-
-        plan = search.plan
-        patch = search.patch
+        plan, patch = first.plan, first.patch
         final_cfg = load_config(None, [*settings(args), "data.fold=1"])
         evaluator = NetworkEvaluator(final_cfg, root / "work", runtime, plan, patch)
+        cfg = load_config(None, settings(args))
         limit = memory_limit(cfg, "dints", int(plan["in_channels"]), int(plan["out_channels"]), patch, "cpu")
         channels, classes, width = int(plan["in_channels"]), int(plan["out_channels"]), final_cfg.train.channel_mul
-        searched = load_architecture(search_arch)
         patches = final_cfg.data.batch_size * final_cfg.data.num_samples
 
         def peak(arch, mul: float) -> int:
             return peak_bytes(arch, channels, classes, patch, mul, patches, True)
 
-        target = peak(searched, width)
-        candidates = {
-            "differentiable search": (searched, width),
-            "random search (best of K)": (load_architecture(random_arch), width),
-            "one uniform random sample": (architecture_from_dict(rows[0].arch), width),
-        }
+        # per row: (architecture, channel_mul) for each search seed; the baselines do not depend on it
+        candidates: dict[str, list[tuple]] = {name: [] for name in DINTS_ROWS}
+        for s in seeds:
+            pair = pairs[s]
+            candidates[DINTS_ROWS[0]].append((load_architecture(pair["differentiable"]), width))
+            candidates[DINTS_ROWS[1]].append((load_architecture(pair["random"]), width))
+            candidates[DINTS_ROWS[2]].append((architecture_from_dict(pair["rows"][0].arch), width))
+        # sized to the searched networks' mean predicted memory (each row reports its own ratio to it)
+        target = statistics.mean(peak(arch, mul) for arch, mul in candidates[DINTS_ROWS[0]])
         # planned for the patch this bench trains (the plan's own patch is larger), one loss for every row
         bench_plan = {**plan, "patch_size": list(patch)}
         for name in ("segresnet", "dynunet"):
             baseline = load_architecture(name, bench_plan, deep_supervision=False)
             mul, _ = channel_mul_for_memory(baseline, channels, classes, patch, target, batch=patches, amp=True)
-            candidates[f"{baseline.display_name} @ equal memory"] = (baseline, mul)
-        results = {}
-        for name, (arch, mul) in candidates.items():
-            scores = [evaluator(arch, args.retrain_iterations, 1000 + s, mul).score for s in range(args.seeds)]
-            dints = getattr(arch, "arch_code_a", None) is not None
-            results[name] = {"held_out_dice": scores, "mean": statistics.mean(scores),
-                             "stdev": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                             "memory_ratio": limit.measure(arch) if dints else None,
-                             "peak_vs_searched": peak(arch, mul) / target, "channel_mul": mul,
-                             "active_paths": int(arch.arch_code_a.sum()) if dints else None}
-            print(f"{name}: held-out Dice {statistics.mean(scores):.4f} ± {results[name]['stdev']:.4f}",
-                  file=sys.stderr)
+            candidates[f"{baseline.display_name} @ equal memory"] = [(baseline, mul)]
+        results = {name: retrain_row(evaluator, versions, args, limit, peak, target)
+                   for name, versions in candidates.items()}
 
-    print("| architecture | held-out Dice (mean ± sd over seeds) | memory ratio (σ) | predicted peak vs searched "
-          "| channel_mul | active paths |")
-    print("|---|---|---|---|---|---|")
-    for name, r in results.items():
-        ratio = "—" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
-        print(f"| {name} | {r['mean']:.4f} ± {r['stdev']:.4f} | {ratio} | {r['peak_vs_searched']:.2f} | "
-              f"{r['channel_mul']:.3g} | {r['active_paths'] or '—'} |")
-    short = sorted(r.score for r in rows)
+    print_table(results, args.search_seeds)
     summary = {
-        "bench": "random_vs_differentiable", "split": split, "search_cpu_seconds": round(search_seconds, 1),
-        "random_cpu_seconds": round(random_seconds, 1), "random_trials": len(rows),
-        "random_trial_cpu_seconds": round(sum(r.seconds for r in rows), 1),
-        "random_short_dice": {"best": short[-1], "median": statistics.median(short), "worst": short[0]},
+        "bench": "random_vs_differentiable", "split": split, "search_seeds": seeds,
+        "search_cpu_seconds": [round(pairs[s]["search_seconds"], 1) for s in seeds],
+        "random_cpu_seconds": [round(pairs[s]["random_seconds"], 1) for s in seeds],
+        "random_trials": [len(pairs[s]["rows"]) for s in seeds],
         "retrain_iterations": args.retrain_iterations, "seeds": args.seeds,
         **{name.split(" (")[0].replace(" @ ", "_at_").replace(" ", "_"): r for name, r in results.items()},
-        "ratio_differentiable_to_random": results["differentiable search"]["mean"]
-        / results["random search (best of K)"]["mean"],
+        "ratio_differentiable_to_random": results[DINTS_ROWS[0]]["mean"] / results[DINTS_ROWS[1]]["mean"],
     }
     print(json.dumps(summary))
     return 0
+
+
+DINTS_ROWS = ("differentiable search", "random search (best of K)", "one uniform random sample")
+
+
+def search_pair(args, root: Path, runtime, seed: int, per_seed_folders: bool) -> dict:
+    """Both searches with search seed ``seed``: the differentiable one, then random search given its CPU time."""
+    tag = f"_seed{seed}" if per_seed_folders else ""
+    cfg = load_config(None, [*settings(args), f"seed={seed}"])
+    start = time.process_time()
+    search = SearchRun(cfg, root / "work", root / f"search{tag}", runtime)
+    search_arch = search.run()
+    search.close()
+    search_seconds = time.process_time() - start
+    print(f"differentiable search (seed {seed}): {args.search_iterations} iterations in {search_seconds:.0f} CPU s",
+          file=sys.stderr)
+
+    random_cfg = load_config(None, [*settings(args), f"seed={seed}", f"random_search.hours={search_seconds / 3600}"])
+    start = time.process_time()
+    random = network_random_search(random_cfg, root / "work", root / f"random{tag}", runtime, "dints")
+    random.clock = time.process_time
+    random_arch = random.run()
+    random_seconds = time.process_time() - start
+    rows = read_rows(root / f"random{tag}" / "trials.csv")
+    print(f"random search (seed {seed}): {len(rows)} trials in {random_seconds:.0f} CPU s", file=sys.stderr)
+    return {"search": search, "differentiable": search_arch, "search_seconds": search_seconds,
+            "random": random_arch, "random_seconds": random_seconds, "rows": rows}
+
+
+def retrain_row(evaluator, versions: list[tuple], args, limit, peak, target: float) -> dict:
+    """Retrain each (architecture, channel_mul) of a row from ``args.seeds`` seeds and score it on the held-out cases.
+
+    ``versions`` holds one entry per search seed (one for the baselines). ``mean`` / ``stdev`` are over every
+    (search seed, retraining seed) score; ``search_seed_stdev`` over the per-search-seed means."""
+    per_version = []
+    for arch, mul in versions:
+        scores = [evaluator(arch, args.retrain_iterations, 1000 + s, mul).score for s in range(args.seeds)]
+        dints = getattr(arch, "arch_code_a", None) is not None
+        per_version.append({"held_out_dice": scores, "mean": statistics.mean(scores),
+                            "memory_ratio": limit.measure(arch) if dints else None,
+                            "peak_vs_searched": peak(arch, mul) / target, "channel_mul": mul,
+                            "active_paths": int(arch.arch_code_a.sum()) if dints else None})
+    scores = [x for v in per_version for x in v["held_out_dice"]]
+    means = [v["mean"] for v in per_version]
+
+    def average(key):
+        values = [v[key] for v in per_version]
+        return None if values[0] is None else statistics.mean(values)
+
+    return {"held_out_dice": scores, "mean": statistics.mean(scores),
+            "stdev": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "search_seed_means": means,
+            "search_seed_stdev": statistics.stdev(means) if len(means) > 1 else None,
+            "memory_ratio": average("memory_ratio"), "peak_vs_searched": average("peak_vs_searched"),
+            "channel_mul": average("channel_mul"), "active_paths": average("active_paths"),
+            "per_search_seed": per_version}
+
+
+def print_table(results: dict, search_seeds: int) -> None:
+    spread = " | mean per search seed (sd)" if search_seeds > 1 else ""
+    print(f"| architecture | held-out Dice (mean ± sd over all runs) | memory ratio (σ) | predicted peak vs searched "
+          f"| channel_mul | active paths{spread} |")
+    print("|---|---|---|---|---|---|" + ("---|" if search_seeds > 1 else ""))
+    for name, r in results.items():
+        ratio = "—" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
+        paths = "—" if r["active_paths"] is None else f"{r['active_paths']:.3g}"
+        line = (f"| {name} | {r['mean']:.4f} ± {r['stdev']:.4f} | {ratio} | {r['peak_vs_searched']:.2f} | "
+                f"{r['channel_mul']:.3g} | {paths} |")
+        if search_seeds > 1:
+            per_seed = " / ".join(f"{m:.3f}" for m in r["search_seed_means"])
+            sd = "" if r["search_seed_stdev"] is None else f" (± {r['search_seed_stdev']:.3f})"
+            line += f" {per_seed}{sd} |"
+        print(line)
 
 
 if __name__ == "__main__":
