@@ -16,7 +16,7 @@
    its predicted peak memory relative to the searched network's.
 
 ``--search-seeds N`` repeats steps 2–4 with search seeds seed … seed+N−1 on the same data and split (the baselines
-are sized once, to the searched networks' mean predicted memory): one search seed cannot rank two search methods,
+are sized once, to the searched networks' mean predicted memory): one search seed cannot rank two search methods;
 the spread over search seeds is reported per row.
 
 Prints a table and, last, one JSON line. ``--scale`` multiplies every iteration count.
@@ -132,8 +132,11 @@ def main() -> int:
             baseline = load_architecture(name, bench_plan, deep_supervision=False)
             mul, _ = channel_mul_for_memory(baseline, channels, classes, patch, target, batch=patches, amp=True)
             candidates[f"{baseline.display_name} @ equal memory"] = [(baseline, mul)]
-        results = {name: retrain_row(evaluator, versions, args, limit, peak, target)
-                   for name, versions in candidates.items()}
+        results = {}
+        for name, versions in candidates.items():
+            results[name] = retrain_row(evaluator, versions, args, limit, peak, target)
+            print(f"{name}: held-out Dice {results[name]['mean']:.4f} ± {results[name]['stdev']:.4f}",
+                  file=sys.stderr)
 
     print_table(results, args.search_seeds)
     summary = {
@@ -141,6 +144,8 @@ def main() -> int:
         "search_cpu_seconds": [round(pairs[s]["search_seconds"], 1) for s in seeds],
         "random_cpu_seconds": [round(pairs[s]["random_seconds"], 1) for s in seeds],
         "random_trials": [len(pairs[s]["rows"]) for s in seeds],
+        "random_trial_cpu_seconds": [round(sum(r.seconds for r in pairs[s]["rows"]), 1) for s in seeds],
+        "random_short_dice": [short_scores(pairs[s]["rows"]) for s in seeds],
         "retrain_iterations": args.retrain_iterations, "seeds": args.seeds,
         **{name.split(" (")[0].replace(" @ ", "_at_").replace(" ", "_"): r for name, r in results.items()},
         "ratio_differentiable_to_random": results[DINTS_ROWS[0]]["mean"] / results[DINTS_ROWS[1]]["mean"],
@@ -174,6 +179,12 @@ def search_pair(args, root: Path, runtime, seed: int, per_seed_folders: bool) ->
     print(f"random search (seed {seed}): {len(rows)} trials in {random_seconds:.0f} CPU s", file=sys.stderr)
     return {"search": search, "differentiable": search_arch, "search_seconds": search_seconds,
             "random": random_arch, "random_seconds": random_seconds, "rows": rows}
+
+
+def short_scores(rows) -> dict:
+    """Best, median and worst short-trial validation Dice of one random search."""
+    short = sorted(r.score for r in rows)
+    return {"best": short[-1], "median": statistics.median(short), "worst": short[0]}
 
 
 def retrain_row(evaluator, versions: list[tuple], args, limit, peak, target: float) -> dict:
