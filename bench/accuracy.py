@@ -30,6 +30,9 @@ collects and scores what they trained:
     python bench/accuracy.py --out runs/cv --tasks brain --run-folds 5          # the table over all 5 folds
 
 ``--candidates`` keeps the named rows only (e.g. ``searched "segresnet @mem" "dynunet @mem" "segresnet default"``).
+``--score-train`` also segments each fold's own training cases with its model (``<bundle>/cv/fit/fold<k>/``) and adds
+two columns: their mean foreground Dice, and its paired drop to the validation cases (``training − validation``):
+a network that under-fits scores low on its own training cases, one that over-fits drops far from them.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import yaml
 from dints3d.bundle.crossval import (
     fold_dir,
     predict_out_of_fold,
+    predict_training_cases,
     score_predictions,
     train_folds,
 )
@@ -141,6 +145,11 @@ def run_fold(args: argparse.Namespace, root: Path, work: Path, fold: int, name: 
             raise SystemExit(f"{name} fold {fold}: training failed (see {bundle}/logs)")
         write_json(timing, {"seconds": time.perf_counter() - start})
     predict_out_of_fold(bundle, [fold], sets=["sw_overlap=0.25"])
+    fit = {}
+    if args.score_train:
+        preds = predict_training_cases(bundle, fold, sets=["sw_overlap=0.25"])
+        summary = score_predictions(preds, dict.fromkeys(preds, fold), work, bundle / "cv" / "fit" / f"fold{fold}")
+        fit = {"fit_dice": summary["per_fold"][str(fold)]["mean_foreground_dice"]}
     plan = read_json(work / "plan.json")
     arch = load_architecture(bundle / "models" / "arch.json")
     channels, classes = int(plan["in_channels"]), int(plan["out_channels"])
@@ -149,7 +158,8 @@ def run_fold(args: argparse.Namespace, root: Path, work: Path, fold: int, name: 
     model = arch.build(channels, classes, channel_mul=channel_mul)
     return {"bundle": bundle, "seconds": read_json(timing)["seconds"], "channel_mul": channel_mul,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "peak_bytes": peak_bytes(arch, channels, classes, patch_of(args), channel_mul, PATCHES_PER_STEP, True)}
+            "peak_bytes": peak_bytes(arch, channels, classes, patch_of(args), channel_mul, PATCHES_PER_STEP, True),
+            **fit}
 
 
 def task_results(args: argparse.Namespace, task: str) -> dict:
@@ -185,6 +195,7 @@ def task_results(args: argparse.Namespace, task: str) -> dict:
             "dice": {cls: _spread(values) for cls, values in classes.items()},
             "mean_foreground_dice": summary["fold_mean_dice"],
             "fold_dice": {k: f["mean_foreground_dice"] for k, f in summary["per_fold"].items()},
+            **({"fit_fold_dice": {str(f["fold"]): f["fit_dice"] for f in folds}} if args.score_train else {}),
             "parameters": statistics.mean(f["parameters"] for f in folds),
             "peak_gib": statistics.mean(f["peak_bytes"] for f in folds) / 2**30,
             "seconds_per_fold": statistics.mean(f["seconds"] for f in folds),
@@ -215,12 +226,29 @@ def paired_gap(rows: dict, name: str) -> str:
     return f"{statistics.mean(gaps):+.3f}" + (f" ± {statistics.stdev(gaps):.3f}" if len(gaps) > 1 else "")
 
 
+def fit_cells(row: dict, one_fold: bool) -> list[str]:
+    """``--score-train``: the mean foreground Dice on each fold's own training cases (mean ± sd over folds), and its
+    paired drop to the same fold's validation cases (over-fitting shows as a large drop, under-fitting as a low
+    training-case Dice)."""
+    fits = row.get("fit_fold_dice", {})
+    pairs = [(fits[k], v) for k, v in row["fold_dice"].items() if k in fits and None not in (fits[k], v)]
+    if not pairs:
+        return ["", ""]
+
+    def show(values: list[float], sign: str = "") -> str:
+        return f"{statistics.mean(values):{sign}.3f}" + ("" if one_fold or len(values) < 2 else
+                                                          f" ± {statistics.stdev(values):.3f}")
+    return [show([f for f, _ in pairs]), show([f - v for f, v in pairs], "+")]
+
+
 def table(result: dict) -> str:
     """Markdown, best first: per-class and mean foreground Dice (mean ± sd of the fold means), the searched network's
     paired gap to each row (``searched − row``, fold by fold), size, predicted memory and training time."""
     classes = list(next(iter(result["rows"].values()))["dice"])
-    head = ["network", *[f"Dice {c}" for c in classes], "mean fg Dice", "searched − this (paired)", "parameters",
-            "pred. peak (GiB)", "train s/fold"]
+    fit = any("fit_fold_dice" in r for r in result["rows"].values())
+    head = ["network", *[f"Dice {c}" for c in classes], "mean fg Dice", "searched − this (paired)",
+            *(["training-case Dice", "training − validation"] if fit else []), "parameters", "pred. peak (GiB)",
+            "train s/fold"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = max(r["mean_foreground_dice"]["mean"] or 0 for r in result["rows"].values())
     for name, r in sorted(result["rows"].items(), key=lambda kv: -(kv[1]["mean_foreground_dice"]["mean"] or 0)):
@@ -230,7 +258,8 @@ def table(result: dict) -> str:
         spread = _spread(list(r["fold_dice"].values()))["sd"] if "fold_dice" in r else mean["std"]  # sample sd
         overall = f"{mean['mean']:.3f}" + ("" if one_fold else f" ± {spread:.3f}")
         lines.append("| " + " | ".join([name, *cells, f"**{overall}**" if mean["mean"] == best else overall,
-                                         paired_gap(result["rows"], name), f"{r['parameters'] / 1e6:.2f} M", f"{r['peak_gib']:.2f}",
+                                         paired_gap(result["rows"], name), *(fit_cells(r, one_fold) if fit else []),
+                                         f"{r['parameters'] / 1e6:.2f} M", f"{r['peak_gib']:.2f}",
                                          f"{r['seconds_per_fold']:.0f}"]) + " |")
     return "\n".join(lines)
 
@@ -253,6 +282,8 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=4, help="DiNTS layers searched")
     parser.add_argument("--channel-mul", type=float, default=0.5, help="retraining width of the searched network")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--score-train", action="store_true",
+                        help="also segment and score each fold's own training cases (the fit: under- or over-fitting)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

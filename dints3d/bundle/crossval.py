@@ -8,6 +8,8 @@ Layout inside the bundle:
   own; ``models/folds.json`` lists the folds trained to completion (what the bundle holds);
 - ``logs/fold<k>/``: its TensorBoard logs;
 - ``cv/predictions/<case>_seg.nii.gz``: the out-of-fold predictions on each case's own grid;
+- ``cv/fit/fold<k>/<case>_seg.nii.gz``: fold k's own training cases segmented by its model, when asked for
+  (:func:`predict_training_cases`, a diagnostic of how well the models fit);
 - ``cv/cv_metrics.csv``: one row per case and class (fold, Dice, HD95 mm, NSD, …) and ``cv/summary.json``: per class
   the mean over cases, the mean Dice of each fold and their spread over folds, and the post-processing chosen on them
   (:mod:`dints3d.evaluation.postprocess`);
@@ -137,6 +139,30 @@ def _visible_gpus() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
+def _segment_fold_cases(bundle: Path, fold: int, images: list[Path], out: Path, sets: Sequence[str],
+                        mirroring: bool, probabilities: bool, what: str) -> None:
+    """Segment ``images`` with fold ``fold``'s ``model.pt`` into ``out`` (``<case>_seg.nii.gz``, and
+    ``<case>_prob.nii.gz`` with ``probabilities``), skipping the cases already there."""
+    model = fold_dir(bundle, fold) / "model.pt"
+    if not model.is_file():
+        raise DintsError(model, f"fold {fold} has no trained model; train it first (dints3d train --folds {fold})")
+    names = {case_name(p): p for p in images}
+    wanted = ("seg", "prob") if probabilities else ("seg",)
+    missing = [p for name, p in names.items() if not all((out / f"{name}_{w}.nii.gz").is_file() for w in wanted)]
+    if not missing:
+        print(f"fold {fold}: {len(images)} {what} prediction(s) present, skipped", flush=True)
+        return
+    print(f"fold {fold}: predicting {len(missing)} {what} case(s) with {model}", flush=True)
+    options = [f"ckpt_path={model}", f"mirror_axes={MIRROR_AXES if mirroring else []}",
+               f"save_probabilities={str(probabilities).lower()}", "largest_component_labels=[]"]
+    # the training's settings that inference has too (sw_overlap, amp, …); the others are training's own
+    applicable = applicable_sets(bundle, ["inference.yaml"], sets)
+    result = segment(bundle, missing, out, NIFTI, ["inference.yaml"], [*applicable, *options])
+    if result.failures:
+        path, problem = next(iter(result.failures.items()))
+        raise DintsError(path, f"fold {fold}: {problem}")
+
+
 def predict_out_of_fold(bundle: str | os.PathLike, folds: Sequence[int], work: str | os.PathLike | None = None,
                         sets: Sequence[str] = (), mirroring: bool = True,
                         probabilities: bool = False) -> dict[str, int]:
@@ -145,30 +171,25 @@ def predict_out_of_fold(bundle: str | os.PathLike, folds: Sequence[int], work: s
     there is skipped. Returns case → fold."""
     bundle = Path(bundle).absolute()
     work = work_dir(bundle, work)
-    out = bundle / CV_DIR / "predictions"
     fold_of: dict[str, int] = {}
     for k in folds:
-        model = fold_dir(bundle, k) / "model.pt"
-        if not model.is_file():
-            raise DintsError(model, f"fold {k} has no trained model; train it first (dints3d train --folds {k})")
         images = [Path(item["image"]) for item in read_datalist(work, f"fold{k}_validation")]
-        names = {case_name(p): p for p in images}
-        fold_of.update({name: k for name in names})
-        wanted = ("seg", "prob") if probabilities else ("seg",)
-        missing = [p for name, p in names.items() if not all((out / f"{name}_{w}.nii.gz").is_file() for w in wanted)]
-        if not missing:
-            print(f"fold {k}: {len(images)} out-of-fold prediction(s) present, skipped", flush=True)
-            continue
-        print(f"fold {k}: predicting {len(missing)} validation case(s) with {model}", flush=True)
-        options = [f"ckpt_path={model}", f"mirror_axes={MIRROR_AXES if mirroring else []}",
-                   f"save_probabilities={str(probabilities).lower()}", "largest_component_labels=[]"]
-        # the training's settings that inference has too (sw_overlap, amp, …); the others are training's own
-        applicable = applicable_sets(bundle, ["inference.yaml"], sets)
-        result = segment(bundle, missing, out, NIFTI, ["inference.yaml"], [*applicable, *options])
-        if result.failures:
-            path, problem = next(iter(result.failures.items()))
-            raise DintsError(path, f"fold {k}: {problem}")
+        fold_of.update({case_name(p): k for p in images})
+        _segment_fold_cases(bundle, k, images, bundle / CV_DIR / "predictions", sets, mirroring, probabilities,
+                            "out-of-fold")
     return fold_of
+
+
+def predict_training_cases(bundle: str | os.PathLike, fold: int, work: str | os.PathLike | None = None,
+                           sets: Sequence[str] = (), mirroring: bool = True) -> dict[str, Path]:
+    """Segment fold ``fold``'s own training cases with its ``model.pt`` into ``cv/fit/fold<k>/``, as the out-of-fold
+    cases are segmented: how well the model fits what it was trained on (under-fitting shows as a low Dice here, over-
+    fitting as a large drop from here to the out-of-fold Dice). Returns case → prediction file."""
+    bundle = Path(bundle).absolute()
+    images = [Path(item["image"]) for item in read_datalist(work_dir(bundle, work), f"fold{fold}_train")]
+    out = bundle / CV_DIR / "fit" / f"fold{fold}"
+    _segment_fold_cases(bundle, fold, images, out, sets, mirroring, False, "training")
+    return {case_name(p): out / f"{case_name(p)}_seg.nii.gz" for p in images}
 
 
 def score_out_of_fold(bundle: str | os.PathLike, fold_of: dict[str, int], work: str | os.PathLike | None = None,

@@ -15,7 +15,7 @@ import pytest
 from support import BLOCK_DINTS3D
 
 from dints3d.bundle import runner
-from dints3d.bundle.crossval import cross_validate, held_folds
+from dints3d.bundle.crossval import cross_validate, held_folds, predict_training_cases
 from dints3d.cli import main
 from dints3d.data.datalist import read_datalist
 
@@ -78,6 +78,18 @@ def test_folds_all_writes_models_out_of_fold_predictions_and_metrics(work, tmp_p
     assert summary["folds"] == [0, 1] and set(summary["per_fold"]) == {"0", "1"}
     means = [f["mean_foreground_dice"] for f in summary["per_fold"].values()]
     assert summary["fold_mean_dice"]["mean"] == pytest.approx(sum(means) / 2)
+
+    # the fit diagnostic: fold 0's model segments fold 0's own training cases (none of its validation cases)
+    fit = predict_training_cases(bundle, 0, sets=FAST)
+    assert f"predicting 2 training case(s) with {bundle / 'models' / 'fold0' / 'model.pt'}" in capsys.readouterr().out
+    training = {Path(item["image"]).name.replace(".nii.gz", "") for item in read_datalist(work, "fold0_train")}
+    assert set(fit) == training == validation[1]
+    for case, path in fit.items():
+        assert path.parent == bundle / "cv" / "fit" / "fold0" and path.name == f"{case}_seg.nii.gz"
+        image = next(item["image"] for item in read_datalist(work, "fold0_train") if case in item["image"])
+        assert nib.load(path).shape == nib.load(image).shape[:3]
+    assert predict_training_cases(bundle, 0, sets=FAST) == fit
+    assert "2 training prediction(s) present, skipped" in capsys.readouterr().out
 
     assert main(["train", str(bundle), "--folds", "all", "--resume", "--set", *FAST]) == 0
     again = capsys.readouterr().out
