@@ -10,6 +10,8 @@ Candidates, for each fold k (their models are trained on fold k's training cases
 - ``dints-cvpr``: the paper's architecture, sized to the searched network's predicted training memory;
 - ``segresnet`` / ``dynunet``: MONAI's SegResNetDS and the nnU-Net-planned DynUNet at their default width, and
   sized to the searched network's predicted memory (``@mem``, ±5 %: :func:`dints3d.cost.sizing.channel_mul_for_memory`);
+- ``segresnet-lite @mem``: SegResNetDS without its deep encoder and deep supervision (one residual block per level,
+  one output head; ``OUT/<task>/work/segresnet-lite.json``), sized the same way: an ablation of SegResNet;
 - ``searched (dints recipe)``: the searched network trained with the DiNTS paper's recipe instead of nnU-Net's.
 
 Reported per candidate: Dice per class over the out-of-fold cases (mean ± sd over folds of the fold means), the mean
@@ -38,6 +40,7 @@ a network that under-fits scores low on its own training cases, one that over-fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -125,6 +128,12 @@ def candidates(args: argparse.Namespace, work: Path, arch_file: Path) -> dict[st
         arch = load_architecture(name, plan)
         mul, _ = channel_mul_for_memory(arch, channels, classes, patch, target, batch=PATCHES_PER_STEP, amp=True)
         out[f"{name} @mem"] = {"arch": name, "channel_mul": mul, "recipe": "nnunet"}
+    lite = dataclasses.replace(load_architecture("segresnet", plan), dsdepth=1)
+    lite = dataclasses.replace(lite, blocks_down=[1] * len(lite.blocks_down))
+    lite_file = work / "segresnet-lite.json"
+    write_json(lite_file, lite.to_dict())
+    mul, _ = channel_mul_for_memory(lite, channels, classes, patch, target, batch=PATCHES_PER_STEP, amp=True)
+    out["segresnet-lite @mem"] = {"arch": str(lite_file), "channel_mul": mul, "recipe": "nnunet"}
     for name in ("segresnet", "dynunet"):
         out[f"{name} default"] = {"arch": name, "channel_mul": 1.0, "recipe": "nnunet"}
     return out
