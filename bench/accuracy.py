@@ -11,7 +11,8 @@ Candidates, for each fold k (their models are trained on fold k's training cases
 - ``segresnet`` / ``dynunet``: MONAI's SegResNetDS and the nnU-Net-planned DynUNet at their default width, and
   sized to the searched network's predicted memory (``@mem``, ±5 %: :func:`dints3d.cost.sizing.channel_mul_for_memory`);
 - ``segresnet-lite @mem``: SegResNetDS without its deep encoder and deep supervision (one residual block per level,
-  one output head; ``OUT/<task>/work/segresnet-lite.json``), sized the same way: an ablation of SegResNet;
+  one output head; ``OUT/<task>/work/segresnet-lite.json``), sized the same way: an ablation of SegResNet, trained
+  only when ``--candidates`` names it;
 - ``searched (dints recipe)``: the searched network trained with the DiNTS paper's recipe instead of nnU-Net's.
 
 Reported per candidate: Dice per class over the out-of-fold cases (mean ± sd over folds of the fold means), the mean
@@ -69,6 +70,9 @@ from dints3d.utils.runtime import init_runtime
 
 #: patches per training step: train.batch_size volumes × data.num_samples patches each (as the bundle trains)
 PATCHES_PER_STEP = 4
+
+#: candidates trained only when --candidates names them (ablations, not what a user would pick)
+OPT_IN = {"segresnet-lite @mem"}
 
 TASKS = {
     "ct": {"modalities": 1, "anisotropic": False, "anatomy": "abdomen"},
@@ -128,8 +132,8 @@ def candidates(args: argparse.Namespace, work: Path, arch_file: Path) -> dict[st
         arch = load_architecture(name, plan)
         mul, _ = channel_mul_for_memory(arch, channels, classes, patch, target, batch=PATCHES_PER_STEP, amp=True)
         out[f"{name} @mem"] = {"arch": name, "channel_mul": mul, "recipe": "nnunet"}
-    lite = dataclasses.replace(load_architecture("segresnet", plan), dsdepth=1)
-    lite = dataclasses.replace(lite, blocks_down=[1] * len(lite.blocks_down))
+    segresnet = load_architecture("segresnet", plan)
+    lite = dataclasses.replace(segresnet, blocks_down=[1] * len(segresnet.blocks_down), dsdepth=1)
     lite_file = work / "segresnet-lite.json"
     write_json(lite_file, lite.to_dict())
     mul, _ = channel_mul_for_memory(lite, channels, classes, patch, target, batch=PATCHES_PER_STEP, amp=True)
@@ -185,7 +189,7 @@ def task_results(args: argparse.Namespace, task: str) -> dict:
     for fold in folds_to_run(args):
         arch_file = searched(args, root, work, fold)
         for name, spec in candidates(args, work, arch_file).items():
-            if args.candidates and name not in args.candidates:
+            if (args.candidates and name not in args.candidates) or (not args.candidates and name in OPT_IN):
                 continue
             result = run_fold(args, root, work, fold, name, spec)
             per_fold.setdefault(name, []).append({**spec, **result, "fold": fold})
